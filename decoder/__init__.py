@@ -1,0 +1,1 @@
+"""Vectors to words: the vocabulary, the LSTM captioner, decoding and the training loops."""
