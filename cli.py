@@ -129,3 +129,147 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
         encoder_from=encoder_from, console=console,
     )
     console.print(f"features in {path}")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(path_type=Path), required=False)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="Run directory [default: new runs/<timestamp>; with --resume, the latest run].")
+@click.option("--phase", type=click.Choice(["decoder", "joint"]), default="decoder", help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images.")
+@click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
+@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
+@click.option("--epochs", type=int, default=None, help="Epochs in total for this phase [default: 40 decoder, 1 joint].")
+@click.option("--batch-size", type=int, default=None, help="Captions per batch [default: 32].")
+@click.option("--lr", type=float, default=None, help="Adam learning rate of the decoder [default: 3e-4].")
+@click.option("--dropout", type=float, default=None, help="Dropout on projections and embeddings [default: 0.2].")
+@click.option("--embed-size", type=int, default=None, help="Word and image embedding size [default: 256].")
+@click.option("--hidden-size", type=int, default=None, help="LSTM hidden size [default: 512].")
+@click.option("--num-layers", type=int, default=None, help="LSTM layers [default: 1].")
+@click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
+@click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
+@click.option("--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM.")
+@click.option("--weights", default=None, help="Which feature store of WORKDIR to train on, by weights name [default: the only one].")
+@user_errors
+def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
+    """Train the captioner; interrupt it any time and continue with --resume.
+
+    Example: python cli.py train data/work --epochs 40, then python cli.py train --resume
+    """
+    from decoder.train import train_decoder
+
+    if phase == "joint":
+        from decoder.joint import train_joint as train_phase
+    else:
+        train_phase = train_decoder
+    outcome = train_phase(workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights)
+    pos = outcome.position
+    if outcome.status == "finished":
+        console.print(f"[green]done[/]: {outcome.run_dir} after {pos.epoch} epochs ({pos.step} steps)")
+    else:
+        console.print(
+            f"[yellow]stopped ({outcome.status})[/] at epoch {pos.epoch + 1}, batch {pos.batch}; checkpoint saved. "
+            f"Continue with: python cli.py train --run {outcome.run_dir} --phase {phase} --resume"
+        )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@user_errors
+def plot(run_dir):
+    """Redraw RUNDIR/plots/*.png from the metrics CSVs.
+
+    Example: python cli.py plot runs/20261128-101500
+    """
+    from store.runlog import plot_run
+
+    for path in plot_run(run_dir):
+        console.print(f"wrote {path}")
+
+
+# --- evaluate / caption -----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="test")
+@click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
+@click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
+@click.option("--tta/--center", default=False, help="Average the features of the K crops, or use the centre crop.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].")
+@user_errors
+def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of a run on a split [default RUNDIR: latest run].
+
+    Example: python cli.py evaluate runs/20261128-101500 --split test --beam 3
+    """
+    from rich.table import Table
+
+    from decoder.evaluate import evaluate_run
+    from decoder.inference import load_captioner, resolve_checkpoint
+
+    path = resolve_checkpoint(run_dir, checkpoint)
+    run_dir = path.parent.parent
+    result = evaluate_run(load_captioner(path), run_dir, split=split, beam=beam, alpha=alpha, tta=tta)
+    table = Table(title=f"{split} split, {result['images']} images, {path.name} (epoch {result['epoch']}), beam {beam}")
+    for name in result["scores"]:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{100 * v:.1f}" for v in result["scores"].values()))
+    Console().print(table)
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"wrote {run_dir / 'eval' / (split + '.json')} and {split}_captions.csv (scores x100)")
+
+
+@main.command()
+@click.argument("target", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="Run whose best.pt to use [default: latest run].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="A checkpoint file instead of --run.")
+@click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
+@click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
+@click.option("--tta/--center", default=False, help="Average the features of the K crops, or use the centre crop.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write CSV/JSON here instead of stdout.")
+@click.option("--batch-size", default=16, help="Images per forward pass.")
+@click.option("--workers", default=2, help="Processes decoding images.")
+@user_errors
+def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size, workers):
+    """Caption every image under DIR (recursive), or one image file.
+
+    Unknown words are shown as <unk>. Exit code 1 only when no image could be captioned.
+
+    Example: python cli.py caption photos/ --format csv --out captions.csv
+    """
+    from rich.table import Table
+
+    from decoder.captioning import caption_images, find_images, format_results
+    from decoder.inference import load_captioner, resolve_checkpoint
+    from store.manifest import atomic_write_bytes
+
+    if run_dir is not None and checkpoint is not None:
+        raise click.UsageError("give --run or --checkpoint, not both")
+    paths = find_images(target)
+    if not paths:
+        raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
+    loaded = load_captioner(resolve_checkpoint(run_dir, checkpoint))
+    results = caption_images(loaded, paths, beam=beam, alpha=alpha, tta=tta, batch_size=batch_size, workers=workers)
+    if fmt == "table":
+        table = Table("image", "caption")
+        for r in results:
+            table.add_row(r.image, r.caption if r.error is None else f"[red]error: {r.error}[/]")
+        Console().print(table)
+    elif out is not None:
+        atomic_write_bytes(out, format_results(results, fmt).encode())
+        console.print(f"wrote {len(results)} rows to {out}")
+    else:
+        click.echo(format_results(results, fmt), nl=False)
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        console.print(f"[red]skipped[/] {r.image}: {r.error}")
+    if len(failed) == len(results):
+        raise UserError(f"none of the {len(results)} images could be captioned")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Score a run's captions on a split against all references of each image.
+
+    python cli.py evaluate runs/<run> --split test --beam 3
+
+Decoder-phase runs read the cached features (the centre crop, or the mean of the K crops with
+--tta); joint-phase runs re-encode the images with their fine-tuned CNN. Writes
+RUNDIR/eval/<split>.json (scores and settings) and RUNDIR/eval/<split>_captions.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decoder.inference import LoadedCaptioner, build_encoder, crop_policy, encode_images, generate
+from decoder.metrics import score_captions
+from store.errors import UserError
+from store.features import FeatureStore
+from store.manifest import Record, atomic_write_bytes, read_manifest
+
+
+def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, tta: bool, workers: int = 2) -> tuple[list[int], torch.Tensor]:
+    """(manifest rows, features (n, D)) of the split's images that have features."""
+    train_cfg = loaded.state["config"]["train"]
+    rows = [i for i, r in enumerate(records) if r.split == split]
+    if "encoder" in loaded.state:  # joint phase: the cached features are from the CNN before fine-tuning
+        feats, _ = encode_images([Path(records[i].path) for i in rows], build_encoder(loaded.state),
+                                 crop_policy(loaded.state), tta=tta, workers=workers)
+        kept = [rows[j] for j in sorted(feats)]
+        return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
+    from decoder.train import check_store_matches
+
+    with FeatureStore.open(Path(train_cfg["store"])) as store:
+        check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
+        done = np.asarray(store.done, dtype=bool)
+        kept = [i for i in rows if done[i]]
+        if not kept:
+            return [], torch.zeros(0)
+        block = store.read(np.asarray(kept))  # (n, K, D) float16
+    block = block.astype(np.float32)
+    return kept, torch.from_numpy(block.mean(1) if tta else block[:, 0])
+
+
+def evaluate_run(
+    loaded: LoadedCaptioner, run_dir: Path, split: str = "test", beam: int = 3, alpha: float = 0.0,
+    tta: bool = False, workdir: Path | None = None, write: bool = True,
+) -> dict:
+    """Scores of `loaded` on `split`; also writes the eval files when `write`."""
+    workdir = Path(workdir or loaded.state["config"]["train"]["workdir"])
+    records = read_manifest(workdir)
+    rows, features = split_features(loaded, records, split, tta)
+    if not rows:
+        raise UserError(f"{workdir} has no {split} images with features to evaluate")
+    hypotheses = generate(loaded, features, beam=beam, alpha=alpha)
+    ids = [records[i].id for i in rows]
+    scores, notes = score_captions({k: records[i].captions for k, i in zip(ids, rows, strict=True)},
+                                   dict(zip(ids, hypotheses, strict=True)))
+    result = {"split": split, "images": len(rows), "beam": beam, "alpha": alpha, "tta": tta,
+              "checkpoint": str(loaded.path), "epoch": loaded.state["epoch"], "phase": loaded.state["phase"],
+              "scores": scores, "notes": notes}
+    if write:
+        out = Path(run_dir) / "eval"
+        atomic_write_bytes(out / f"{split}.json", json.dumps(result, indent=2).encode())
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["image", "caption", "references"])
+        for i, hyp in zip(rows, hypotheses, strict=True):
+            writer.writerow([records[i].path, hyp, " | ".join(records[i].captions)])
+        atomic_write_bytes(out / f"{split}_captions.csv", buf.getvalue().encode())
+    result["captions"] = list(zip([records[i] for i in rows], hypotheses, strict=True))
+    return result

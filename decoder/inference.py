@@ -1,0 +1,117 @@
+"""From a checkpoint and images (or cached features) to sentences: shared by `caption` and `evaluate`.
+
+A checkpoint rebuilds its own captioner (config + weights + vocabulary). The CNN is rebuilt from the
+weights the feature store was made with (recorded in the checkpoint), replaced by the fine-tuned
+encoder when the checkpoint comes from the joint phase, so captions at test time see the same
+features the decoder was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from decoder.model import Captioner, CaptionerConfig
+from decoder.search import beam_search
+from decoder.vocab import Vocabulary
+from featurize.crops import CropPolicy, to_float
+from featurize.images import ImageError, open_image
+from store.checkpoints import load_checkpoint
+from store.errors import UserError
+from store.runlog import latest_run
+
+
+@dataclass
+class LoadedCaptioner:
+    model: Captioner
+    vocab: Vocabulary
+    state: dict  # the whole checkpoint, for the store identity and the encoder weights
+    path: Path
+
+
+def resolve_checkpoint(run_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
+    """--checkpoint FILE, else RUNDIR's best.pt (or last.pt), else the latest run's."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    run_dir = Path(run_dir) if run_dir is not None else latest_run()
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / "checkpoints" / name).exists():
+            return run_dir / "checkpoints" / name
+    raise UserError(f"{run_dir} has no checkpoints/best.pt or last.pt: train it first")
+
+
+def load_captioner(path: Path) -> LoadedCaptioner:
+    state = load_checkpoint(path)
+    model = Captioner(CaptionerConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"])
+    return LoadedCaptioner(model.eval(), Vocabulary(state["vocab"]), state, Path(path))
+
+
+def generate(loaded: LoadedCaptioner, features: torch.Tensor, beam: int = 3, alpha: float = 0.0, batch_size: int = 64) -> list[str]:
+    """One sentence per feature row (N, D); <unk> is shown as the word "<unk>"."""
+    vocab, sentences = loaded.vocab, []
+    for start in range(0, features.size(0), batch_size):
+        chunk = features[start : start + batch_size].float()
+        ids = beam_search(loaded.model, chunk, vocab.start_id, vocab.end_id, beam=beam, alpha=alpha)
+        sentences += [" ".join(vocab.decode(seq)) for seq in ids]
+    return sentences
+
+
+def build_encoder(state: dict) -> torch.nn.Module:
+    """The CNN that made the features this checkpoint was trained on (fine-tuned if joint)."""
+    from featurize.encoder import build_inception
+
+    store = state.get("store", {})
+    encoder = build_inception(str(store.get("weights", "google2015")))
+    if "encoder" in state:
+        encoder.load_state_dict(state["encoder"])
+    return encoder.eval()
+
+
+def crop_policy(state: dict) -> CropPolicy:
+    store = state.get("store", {})
+    return CropPolicy(resize=int(store.get("resize", 356)), crop=int(store.get("crop_size", 299)),
+                      num_crops=int(store.get("num_crops", 5)), seed=int(store.get("seed", 0)))
+
+
+class _ImageCrops(Dataset):
+    """Decodes and crops images in DataLoader workers; a bad file yields its error instead."""
+
+    def __init__(self, paths: list[Path], policy: CropPolicy, tta: bool):
+        self.paths, self.policy, self.tta = paths, policy, tta
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(self.paths[i])
+        except ImageError as e:
+            return i, None, str(e)
+        crops = self.policy.crops(img, 0) if self.tta else self.policy.center(img)[None]
+        return i, crops, None  # crops (K or 1, 3, S, S) uint8
+
+
+@torch.inference_mode()
+def encode_images(
+    paths: list[Path], encoder: torch.nn.Module, policy: CropPolicy, tta: bool = False,
+    batch_size: int = 16, workers: int = 2,
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """({index: feature (D,)}, {index: error}) for each image path; TTA averages the K crops."""
+    loader = DataLoader(_ImageCrops(paths, policy, tta), batch_size=batch_size, num_workers=workers,
+                        collate_fn=lambda items: items)
+    features, errors = {}, {}
+    for items in loader:
+        good = [(i, crops) for i, crops, err in items if err is None]
+        errors.update({i: err for i, _, err in items if err is not None})
+        if not good:
+            continue
+        counts = [c.size(0) for _, c in good]
+        x = to_float(torch.cat([c for _, c in good])).contiguous(memory_format=torch.channels_last)
+        out = encoder(x)  # (sum K, D)
+        for (i, _), f in zip(good, out.split(counts), strict=True):
+            features[i] = f.mean(0).float()
+    return features, errors

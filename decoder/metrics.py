@@ -1,0 +1,58 @@
+"""The standard caption metrics, computed with pycocoevalcap's own scorers.
+
+BLEU-1..4, ROUGE-L and CIDEr-D are pure Python. METEOR and the PTB tokenizer are Java programs
+shipped inside pycocoevalcap; when `java` is not on PATH, METEOR is skipped (and said so) and
+captions are tokenised with légende's own tokenizer, which lower-cases and strips punctuation
+the same way for the n-gram metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from decoder.vocab import normalize_caption
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def score_captions(
+    references: dict[str, list[str]], hypotheses: dict[str, str], use_java: bool | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """(scores by metric name, notes on what was skipped); keys of both dicts must match."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if set(references) != set(hypotheses):
+        raise ValueError("references and hypotheses must cover the same images")
+    if not references:
+        raise ValueError("nothing to score")
+    use_java = java_available() if use_java is None else use_java
+    notes = []
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+        res = tok.tokenize({k: [{"caption": hypotheses[k]}] for k in references})
+    else:
+        notes.append("java not found: METEOR skipped, captions tokenised without the PTB tokenizer")
+        gts = {k: [normalize_caption(c) for c in v] for k, v in references.items()}
+        res = {k: [normalize_caption(hypotheses[k])] for k in references}
+    # An empty hypothesis would break the scorers; it earns (near) zero as a lone unknown word.
+    res = {k: [v[0] if v[0].strip() else "<unk>"] for k, v in res.items()}
+
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if use_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+    return scores, notes

@@ -1,0 +1,79 @@
+"""The Show-and-Tell captioner: an image vector becomes the LSTM's first input, then words follow.
+
+The image enters as the *first input* rather than as the initial (h, c) state, as in Show and
+Tell (Vinyals et al. 2015): the LSTM's own gates learn how much of the image to write into its
+memory, and one projection to the embedding size serves, where an initial state would need two
+(h and c) per layer. Unlike the reference implementation, the output at the image step is not
+trained to predict `<start>` (a constant that wastes capacity): `<start>` is the second input and
+the loss covers only the words after it.
+
+Decoding goes through `init_state(features)` and `step(tokens, state)` so that greedy and beam
+search (decoder/search.py) are written once for every phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (layers, B, H)
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """Everything needed to rebuild the model; saved in every checkpoint."""
+
+    vocab_size: int
+    feature_dim: int = 2048
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Captioner(nn.Module):
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.project = nn.Sequential(nn.Linear(c.feature_dim, c.embed_size), nn.ReLU(), nn.Dropout(c.dropout))
+        self.embed = nn.Embedding(c.vocab_size, c.embed_size, padding_idx=0)
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.lstm = nn.LSTM(
+            c.embed_size, c.hidden_size, num_layers=c.num_layers, batch_first=True,
+            dropout=c.dropout if c.num_layers > 1 else 0.0,
+        )
+        self.out_dropout = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.hidden_size, c.vocab_size)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Next-word logits for teacher forcing.
+
+        features (B, D); captions (B, T) = <start> w1 .. wn <end> <pad>...
+        Returns logits (B, T-1, V) whose position t predicts captions[:, t+1].
+        """
+        image = self.project(features).unsqueeze(1)  # (B, 1, E)
+        words = self.embed_dropout(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        hidden, _ = self.lstm(torch.cat([image, words], dim=1))  # (B, T, H)
+        return self.head(self.out_dropout(hidden[:, 1:]))  # (B, T-1, V): skip the image step
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """The LSTM state after reading the image; features (B, D)."""
+        _, state = self.lstm(self.project(features).unsqueeze(1))
+        return state
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Log-probabilities of the next word given the previous one; tokens (B,) -> (B, V)."""
+        hidden, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
+        return torch.log_softmax(self.head(hidden[:, 0]), dim=-1), state
+
+
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over real (non-padding) target words; logits (B, T-1, V)."""
+    targets = captions[:, 1:]  # (B, T-1)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=pad_id)

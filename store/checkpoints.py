@@ -1,0 +1,82 @@
+"""Checkpoints: one schema, written atomically, loaded without unpickling arbitrary objects.
+
+`last.pt` is written through a temporary file, fsync and rename; the checkpoint it replaces is
+kept as `previous.pt`, so a file damaged after the fact (a truncated copy, a full disk during a
+later write) costs one checkpoint interval, not the run. Loading always uses
+`torch.load(weights_only=True)`: a file crafted to run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from store.errors import UserError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase", "config", "vocab", "rng")
+
+
+def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write `state` to `path` atomically; with keep_previous the old file becomes previous.pt."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name("previous.pt"))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint dict, or a one-line UserError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or hostile files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains objects other than tensors and plain data (refused for safety)"
+        raise UserError(f"cannot load checkpoint {path}: {reason}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        raise UserError(f"{path} is not a légende checkpoint (missing {', '.join(missing)})")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {state['format_version']}; this légende reads up to {FORMAT_VERSION}")
+    return state
+
+
+def load_resumable(checkpoint_dir: Path) -> tuple[dict, Path]:
+    """The newest loadable of last.pt and previous.pt, saying on stderr when it had to fall back."""
+    errors = []
+    for name in ("last.pt", "previous.pt"):
+        path = Path(checkpoint_dir) / name
+        if not path.exists():
+            continue
+        try:
+            return load_checkpoint(path), path
+        except UserError as e:
+            errors.append(str(e))
+    if errors:
+        raise UserError("; ".join(errors))
+    raise UserError(f"no checkpoint in {checkpoint_dir} to resume from")

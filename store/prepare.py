@@ -1,0 +1,269 @@
+"""`prepare`: any supported caption source -> WORKDIR/manifest.jsonl, vocab.json, prepare_report.json.
+
+    python cli.py prepare data/synth --out data/work --min-word-count 2
+
+Steps: read rows (`store.sources`), clean each caption, group captions by image, check that
+every image decodes, split by image, build the vocabulary from train, write the report.
+No bad row stops the run: each dropped caption or image is listed in the report with its
+rule and reason. Only a source that yields nothing usable is a `UserError`.
+
+Determinism: images are sorted by id, shuffled with `random.Random(seed)` and cut into
+train/val/test; the manifest lists the images **sorted by id** (splits interleaved), so the
+row order of the feature store does not depend on the split seed. Same input and seed give a
+byte-identical manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from decoder.vocab import Vocabulary, tokenize
+from featurize.images import ImageError, open_image
+from store.errors import UserError
+from store.manifest import (
+    MANIFEST_NAME,
+    REPORT_NAME,
+    SPLITS,
+    VOCAB_NAME,
+    Record,
+    atomic_write_bytes,
+    write_manifest,
+)
+from store.sources import open_source
+
+REPEAT_RUN = 3  # a token this many times in a row makes a caption degenerate ("kettle kettle kettle")
+DOMINANT_MIN_TOKENS = 4  # from this length, one word making up half the caption is degenerate
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """"70/15/15" -> (0.7, 0.15, 0.15); percentages or fractions, three of them, summing to 100 or 1."""
+    try:
+        parts = [float(p) for p in str(text).split("/")]
+    except ValueError:
+        parts = []
+    total = sum(parts)
+    if len(parts) != 3 or any(p < 0 for p in parts) or not (
+            abs(total - 100) < 1e-6 or abs(total - 1) < 1e-6):
+        raise UserError(f"--split {text!r}: expected train/val/test percentages such as 70/15/15")
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def degenerate_reason(tokens: list[str]) -> str | None:
+    """Why a caption is machine-made nonsense, or None: a token repeated REPEAT_RUN+ times in a
+    row, or (from DOMINANT_MIN_TOKENS tokens) one word making up half the caption or more."""
+    run = 1
+    for previous, token in zip(tokens, tokens[1:], strict=False):
+        run = run + 1 if token == previous else 1
+        if run >= REPEAT_RUN:
+            return f"{token!r} repeated {REPEAT_RUN}+ times in a row"
+    if len(tokens) >= DOMINANT_MIN_TOKENS:
+        word, count = Counter(tokens).most_common(1)[0]
+        if 2 * count >= len(tokens):
+            return f"{word!r} is {count} of {len(tokens)} words"
+    return None
+
+
+def caption_problem(tokens: list[str], max_length: int) -> tuple[str, str] | None:
+    """(rule, reason) for a caption to drop, or None to keep it."""
+    if not tokens:
+        return "empty", "no words"
+    reason = degenerate_reason(tokens)
+    if reason:
+        return "degenerate", reason
+    if len(tokens) > max_length:
+        return "too_long", f"{len(tokens)} words > --max-length {max_length}"
+    return None
+
+
+def image_problem(path: Path) -> tuple[str, str] | None:
+    """(rule, reason) for an image that cannot be used, or None. Decodes the whole file, which
+    is the only way to find truncated files before featurize does."""
+    if not path.exists():
+        return "missing", f"missing file {path}"
+    try:
+        open_image(path)
+    except ImageError as e:
+        return "unreadable", str(e)
+    return None
+
+
+def split_images(ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Image id -> split: sorted ids shuffled by `seed`, val and test sizes rounded, train the rest."""
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    n_val = round(len(order) * fractions[1])
+    n_test = round(len(order) * fractions[2])
+    n_train = len(order) - n_val - n_test
+    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+            "test": order[n_train + n_val:]}
+    return {image: split for split, members in cuts.items() for image in members}
+
+
+def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
+            revision: str | None = None, image_column: str | None = None,
+            caption_column: str | None = None, split: str = "70/15/15", seed: int = 0,
+            min_word_count: int = 5, max_length: int = 50, console=None) -> dict:
+    """Clean, split and tokenise SOURCE into WORKDIR; returns the report (also written as JSON).
+
+    `console` (a rich Console) shows progress while images are checked.
+    """
+    fractions = parse_split(split)
+    if min_word_count < 1:
+        raise UserError("--min-word-count must be at least 1")
+    if max_length < 1:
+        raise UserError("--max-length must be at least 1")
+    workdir = Path(workdir)
+    src = open_source(source, workdir, hf=hf, revision=revision, image_column=image_column,
+                      caption_column=caption_column)
+
+    images: dict[Path, tuple[str, str]] = {}  # path -> (id, where first named)
+    captions: dict[Path, list[str]] = {}  # path -> cleaned captions, in row order
+    dropped_captions: list[dict] = []
+    dropped_images: dict[str, dict] = {}
+    rows_read = 0
+    for row in src.rows:
+        rows_read += 1
+        if row.rule and not row.image:
+            dropped_captions.append(_entry(row.image, row.where, row.rule, row.reason, row.caption))
+            continue
+        if row.rule:
+            _drop_image(dropped_images, row.image, row.where, row.rule, row.reason)
+            continue
+        images.setdefault(row.path, (row.image, row.where))
+        tokens = tokenize(row.caption)
+        problem = caption_problem(tokens, max_length)
+        kept = captions.setdefault(row.path, [])
+        cleaned = " ".join(tokens)
+        if problem is None and cleaned in kept:
+            problem = ("duplicate", "same image and caption as an earlier row")
+        if problem:
+            dropped_captions.append(_entry(row.image, row.where, *problem, row.caption))
+        else:
+            kept.append(cleaned)
+
+    checked = []
+    for path, (image_id, where) in _progress(sorted(images.items(), key=lambda kv: kv[1][0]),
+                                             "checking images", console):
+        problem = ("no_caption", "every caption was dropped") if not captions[path] else \
+            image_problem(path)
+        if problem:
+            _drop_image(dropped_images, image_id, where, *problem, captions=len(captions[path]))
+        else:
+            checked.append((image_id, path))
+    if not checked:
+        raise UserError(_nothing_left(src.description, rows_read, dropped_images, dropped_captions))
+
+    assignment = split_images([image_id for image_id, _ in checked], fractions, seed)
+    records = [Record(id=image_id, path=str(path), split=assignment[image_id],
+                      captions=captions[path]) for image_id, path in checked]
+    by_split = {name: [r for r in records if r.split == name] for name in SPLITS}
+    if not by_split["train"]:
+        raise UserError(f"{len(records)} usable image(s) leave none for training with "
+                        f"--split {split}")
+    vocab = Vocabulary.build((c.split() for r in by_split["train"] for c in r.captions),
+                             min_count=min_word_count)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_manifest(workdir, records)
+    vocab.save(workdir / VOCAB_NAME)
+    report = {
+        "source": src.description,
+        "workdir": str(workdir),
+        "files": {"manifest": MANIFEST_NAME, "vocab": VOCAB_NAME, "report": REPORT_NAME},
+        "settings": {"split": split, "seed": seed, "min_word_count": min_word_count,
+                     "max_length": max_length, "image_column": image_column,
+                     "caption_column": caption_column},
+        "rows_read": rows_read,
+        "splits": {name: {"images": len(members), "captions": sum(len(r.captions) for r in members)}
+                   for name, members in by_split.items()},
+        "vocabulary": {"size": len(vocab), "min_word_count": min_word_count,
+                       "val_token_coverage": _coverage(vocab, by_split["val"])},
+        "dropped_images": list(dropped_images.values()),
+        "dropped_captions": dropped_captions,
+        "notes": src.notes,
+    }
+    atomic_write_bytes(workdir / REPORT_NAME,
+                       (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return report
+
+
+def _entry(image: str, where: str, rule: str, reason: str, caption: str) -> dict:
+    return {"image": image, "where": where, "rule": rule, "reason": reason, "caption": caption}
+
+
+def _drop_image(dropped: dict[str, dict], image: str, where: str, rule: str, reason: str,
+                captions: int = 1) -> None:
+    """One report entry per image, however many rows named it; `captions` counts them."""
+    if image in dropped:
+        dropped[image]["captions"] += captions
+    else:
+        dropped[image] = {"image": image, "where": where, "rule": rule, "reason": reason,
+                          "captions": captions}
+
+
+def _coverage(vocab: Vocabulary, records: list[Record]) -> float | None:
+    """Share of val tokens the vocabulary knows (not <unk>); None without a val split."""
+    tokens = [t for r in records for c in r.captions for t in c.split()]
+    if not tokens:
+        return None
+    return round(sum(t in vocab.stoi for t in tokens) / len(tokens), 4)
+
+
+def _nothing_left(description: str, rows: int, images: dict[str, dict],
+                  captions: list[dict]) -> str:
+    reasons = Counter(e["rule"] for e in images.values()) + Counter(e["rule"] for e in captions)
+    why = ", ".join(f"{n} {rule}" for rule, n in reasons.most_common(4))
+    return f"nothing usable in {description}: {rows} row(s) read" + (f", dropped: {why}" if why else "")
+
+
+def _progress(items: list, description: str, console):
+    if console is None:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, console=console, transient=True)
+
+
+def print_summary(report: dict, console) -> None:
+    """Human-readable tables of a prepare report: splits, vocabulary, what was dropped and why."""
+    from rich.table import Table
+
+    splits = Table(title=f"prepared {report['source']}", title_justify="left")
+    for column in ("split", "images", "captions"):
+        splits.add_column(column, justify="left" if column == "split" else "right")
+    for name, counts in report["splits"].items():
+        splits.add_row(name, str(counts["images"]), str(counts["captions"]))
+    splits.add_row("total", str(sum(c["images"] for c in report["splits"].values())),
+                   str(sum(c["captions"] for c in report["splits"].values())), style="bold")
+    console.print(splits)
+
+    vocab = report["vocabulary"]
+    coverage = vocab["val_token_coverage"]
+    console.print(f"vocabulary: {vocab['size']} tokens (words seen >= {vocab['min_word_count']} "
+                  f"times in train); val token coverage: "
+                  f"{'n/a' if coverage is None else f'{coverage:.1%}'}")
+
+    dropped = [("image", e) for e in report["dropped_images"]] + \
+              [("caption", e) for e in report["dropped_captions"]]
+    if dropped:
+        table = Table(title="dropped", title_justify="left")
+        for column in ("what", "rule", "count", "example"):
+            table.add_column(column, justify="right" if column == "count" else "left")
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for what, entry in dropped:
+            groups.setdefault((what, entry["rule"]), []).append(entry)
+        for (what, rule), entries in groups.items():
+            first = entries[0]
+            named = first["image"] if what == "image" else repr(first["caption"][:60])
+            example = f"{first['where']}: {named} ({first['reason']})"
+            table.add_row(what, rule, str(len(entries)), example)
+        console.print(table)
+    else:
+        console.print("nothing dropped")
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"wrote {report['files']['manifest']}, {report['files']['vocab']} and "
+                  f"{report['files']['report']} (every dropped item and why) in {report['workdir']}")

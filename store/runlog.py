@@ -1,0 +1,136 @@
+"""The run directory: where runs live, its config, the per-batch and per-epoch CSVs and the plots.
+
+CSV rows are appended as training goes; on resume, rows written after the checkpoint being
+resumed (work that will be redone) are cut away, so the logs of an interrupted run read like
+those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from store.errors import UserError
+from store.manifest import atomic_write_bytes
+
+RUNS_ROOT = Path("runs")
+BATCH_FIELDS = ["phase", "epoch", "step", "loss"]
+EPOCH_FIELDS = ["phase", "epoch", "train_loss", "val_loss", "val_cider", "seconds", "step"]
+
+
+def new_run_dir(root: Path = RUNS_ROOT) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+def latest_run(root: Path = RUNS_ROOT) -> Path:
+    """The most recently modified run under `root` that has a checkpoint."""
+    runs = [p for p in Path(root).glob("*") if (p / "checkpoints").is_dir()]
+    if not runs:
+        raise UserError(f"no runs with checkpoints under {root}/: train one first (python cli.py train)")
+    return max(runs, key=lambda p: (p / "checkpoints").stat().st_mtime)
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    atomic_write_bytes(Path(run_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
+
+
+class RunLog:
+    """Appends metric rows to RUNDIR/metrics/{batches,epochs}.csv."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "metrics"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.batches = self.dir / "batches.csv"
+        self.epochs = self.dir / "epochs.csv"
+
+    def truncate_after(self, phase: str, step: int) -> None:
+        """Drop rows of `phase` logged after global step `step` (they are about to be redone)."""
+        for path, fields in ((self.batches, BATCH_FIELDS), (self.epochs, EPOCH_FIELDS)):
+            rows = read_rows(path)
+            kept = [r for r in rows if r["phase"] != phase or int(r["step"]) <= step]
+            if len(kept) != len(rows):
+                _write_rows(path, fields, kept)
+
+    def log_batches(self, rows: list[dict]) -> None:
+        _append_rows(self.batches, BATCH_FIELDS, rows)
+
+    def log_epoch(self, row: dict) -> None:
+        _append_rows(self.epochs, EPOCH_FIELDS, [row])
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Loss of every batch, and train vs validation loss per epoch, as in the original report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    log = RunLog(run_dir)
+    batches, epochs = read_rows(log.batches), read_rows(log.epochs)
+    if not batches and not epochs:
+        raise UserError(f"{run_dir} has no metrics to plot yet")
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    if batches:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for phase in dict.fromkeys(r["phase"] for r in batches):
+            rows = [r for r in batches if r["phase"] == phase]
+            ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, label=phase)
+        ax.set(xlabel="batch (global step)", ylabel="cross-entropy", title="Loss of every batch")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / "batch_loss.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if epochs:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = list(range(1, len(epochs) + 1))
+        ax.plot(x, [float(r["train_loss"]) for r in epochs], marker="o", label="train")
+        ax.plot(x, [float(r["val_loss"]) for r in epochs], marker="o", label="validation")
+        for i, r in enumerate(epochs[1:], 1):
+            if r["phase"] != epochs[i - 1]["phase"]:
+                ax.axvline(i + 0.5, color="grey", ls="--", lw=0.8)
+                ax.text(i + 0.6, ax.get_ylim()[1], r["phase"], va="top", fontsize=8)
+        ax.set(xlabel="epoch (all phases)", ylabel="cross-entropy", title="Train vs validation loss per epoch")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / "epoch_loss.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
