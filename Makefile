@@ -38,7 +38,7 @@ caption: $(STAMP)
 	$(PY) cli.py caption $(DIR) $(ARGS)
 
 demo: $(STAMP)
-	$(PY) bench/demo.py
+	$(PY) demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -78,7 +78,7 @@ def prepare(source, workdir, hf_name, revision, image_column, caption_column, sp
     report = run_prepare(
         source, workdir, hf=hf_name, revision=revision, image_column=image_column,
         caption_column=caption_column, split=split, seed=seed,
-        min_word_count=min_word_count, max_length=max_length,
+        min_word_count=min_word_count, max_length=max_length, console=console,
     )
     print_summary(report, console)
 
@@ -151,6 +151,12 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
 @click.option("--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM.")
 @click.option("--weights", default=None, help="Which feature store of WORKDIR to train on, by weights name [default: the only one].")
+@click.option("--init", type=click.Path(path_type=Path), default=None, help="Joint: decoder checkpoint to start from [default: RUNDIR/checkpoints/best.pt].")
+@click.option("--unfreeze", default=None, help="Joint: first CNN block to fine-tune, e.g. Mixed_6a [default: the whole CNN].")
+@click.option("--cnn-lr", type=float, default=None, help="Joint: learning rate of the CNN [default: 1e-5].")
+@click.option("--checkpoint-minutes", type=float, default=None, help="Joint: also checkpoint mid-epoch this often [default: 10].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None, help="Joint: bf16 autocast where supported [default: auto].")
+@click.option("--workers", type=int, default=None, help="Joint: DataLoader processes decoding images [default: 2].")
 @user_errors
 def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
     """Train the captioner; interrupt it any time and continue with --resume.

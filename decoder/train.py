@@ -46,7 +46,7 @@ class TrainConfig:
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
 TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 CHANGEABLE_ON_RESUME = {"epochs", "stream"}
-STORE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "manifest_sha256")
+STORE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "resize", "crop_size", "seed", "manifest_sha256")
 
 
 class FeatureData:

@@ -19,9 +19,10 @@ from store.errors import UserError
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-# Words keep inner apostrophes and hyphens ("man's", "t-shirt"); every other punctuation mark is
-# dropped, as the caption metrics' PTB tokenizer would strip it anyway.
-_TOKEN = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
+# Words are runs of letters or digits of any script ("café" must not become "caf"), keeping inner
+# apostrophes and hyphens ("man's", "t-shirt"); every other punctuation mark is dropped, as the
+# caption metrics' PTB tokenizer would strip it anyway.
+_TOKEN = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
 
 
 def tokenize(text: str) -> list[str]:

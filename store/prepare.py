@@ -231,7 +231,8 @@ def print_summary(report: dict, console) -> None:
     """Human-readable tables of a prepare report: splits, vocabulary, what was dropped and why."""
     from rich.table import Table
 
-    splits = Table(title=f"prepared {report['source']}", title_justify="left")
+    console.print(f"prepared {report['source']} ({report['rows_read']} rows read)")
+    splits = Table()
     for column in ("split", "images", "captions"):
         splits.add_column(column, justify="left" if column == "split" else "right")
     for name, counts in report["splits"].items():

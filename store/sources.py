@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -237,9 +238,10 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
         if not first_line.strip():
             raise UserError(f"{path} is empty (its first line is blank)")
         delimiter = _delimiter(first_line)
-        reader = csv.reader(_chain(first_line, lines), delimiter=delimiter, skipinitialspace=True)
-        first = [cell.strip() for cell in next(reader)]
-        img_idx, cap_idx, has_header = _layout(first, path, image_column, caption_column)
+        reader = csv.reader(itertools.chain([first_line], lines), delimiter=delimiter)
+        first = next(reader)
+        img_idx, cap_idx, has_header = _layout([c.strip() for c in first], path, image_column,
+                                               caption_column)
         ncols = len(first)
         if not has_header:
             yield _text_row(first, img_idx, cap_idx, ncols, delimiter, f"{path.name}:1", resolver)
@@ -253,7 +255,7 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
                 continue
             if not any(cell.strip() for cell in cells):
                 continue
-            yield _text_row([cell.strip() for cell in cells], img_idx, cap_idx, ncols, delimiter,
+            yield _text_row(cells, img_idx, cap_idx, ncols, delimiter,
                             f"{path.name}:{reader.line_num}", resolver)
 
 
@@ -266,7 +268,7 @@ def _text_row(cells: list[str], img_idx: int, cap_idx: int, ncols: int, delimite
         return Row("", None, delimiter.join(cells), where, "malformed",
                    f"{len(cells)} fields where the file has {ncols}")
     found = resolver.resolve(cells[img_idx])
-    return Row(found.image, found.path, cells[cap_idx], where, found.rule, found.reason)
+    return Row(found.image, found.path, cells[cap_idx].strip(), where, found.rule, found.reason)
 
 
 def _decoded_lines(f, path: Path, notes: list[str]) -> Iterator[str]:
@@ -289,11 +291,6 @@ def _decoded_lines(f, path: Path, notes: list[str]) -> Iterator[str]:
         yield line.lstrip("\ufeff") if number == 0 else line
     if latin1:
         notes.append(f"{path.name}: {latin1} line(s) were not valid UTF-8 and were read as Latin-1")
-
-
-def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
 
 
 def _delimiter(first_line: str) -> str:

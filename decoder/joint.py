@@ -1,0 +1,256 @@
+"""Joint phase: fine-tune the CNN and the LSTM end to end on images, in resumable sessions.
+
+    python cli.py train data/work --run runs/<run> --phase joint --max-minutes 60
+    python cli.py train --run runs/<run> --phase joint --resume
+
+It starts from the run's decoder-phase best.pt (or --init CHECKPOINT) and a CNN built from the
+weights the feature store was made with, so the first joint step sees exactly the features the
+decoder was trained on. Every sample draws a random 299 crop of the 356 resize, as the original
+did, from a generator seeded by (seed, epoch, sample): the crop does not depend on which worker
+decodes it, so an interrupted and resumed session equals an uninterrupted one.
+
+Batch-norm statistics stay frozen (the layers are kept in eval mode): a CPU batch of 32 captions
+holds few distinct images, and re-estimating the statistics from such batches would shift every
+feature away from what the pretrained layers after them expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from decoder import data as D
+from decoder.inference import build_encoder
+from decoder.loop import Fit, Outcome, Position, position_from, run
+from decoder.model import Captioner, CaptionerConfig
+from decoder.stopping import StopRequest
+from decoder.train import STORE_IDENTITY, check_options_unchanged, check_store_matches, resolve_run
+from decoder.vocab import Vocabulary
+from featurize.crops import CropPolicy, to_float
+from featurize.images import open_image
+from store.checkpoints import load_checkpoint, load_resumable
+from store.errors import UserError
+from store.features import FeatureStore
+from store.manifest import Record, read_manifest
+from store.runlog import RunLog, write_config
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    workdir: str
+    store: str
+    init: str
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 3e-4
+    cnn_lr: float = 1e-5
+    unfreeze: str = "Conv2d_1a_3x3"
+    grad_clip: float = 5.0
+    seed: int = 0
+    precision: str = "auto"
+    checkpoint_minutes: float = 10.0
+    workers: int = 2
+
+
+CHANGEABLE_ON_RESUME = {"epochs", "checkpoint_minutes", "workers", "precision"}
+
+
+class JointNet(nn.Module):
+    """CNN + captioner. Inputs are uint8 crops (B, 3, S, S), or already-encoded features (B, D)."""
+
+    def __init__(self, encoder: nn.Module, captioner: Captioner, unfreeze: str, autocast_dtype: torch.dtype | None):
+        super().__init__()
+        self.encoder, self.captioner, self.autocast_dtype = encoder, captioner, autocast_dtype
+        names = [name for name, _ in encoder.named_children()]
+        if unfreeze not in names:
+            raise UserError(f"--unfreeze {unfreeze}: not a block of the CNN (one of {', '.join(names)})")
+        for name, module in encoder.named_children():
+            if name == unfreeze:
+                break
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> JointNet:
+        super().train(mode)
+        for m in self.encoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # frozen statistics: see the module docstring
+        return self
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S) in [0, 1]
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            return self.encoder(x).float()  # (B, D)
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        features = inputs if inputs.dim() == 2 else self.encode(inputs)
+        return self.captioner(features, captions)
+
+
+class _TrainImages(Dataset):
+    """(uint8 random crop, caption ids) of pair i in epoch e, the crop seeded by (seed, e, i)."""
+
+    def __init__(self, records: list[Record], pairs: D.Pairs, policy: CropPolicy, seed: int):
+        self.records, self.pairs, self.policy, self.seed = records, pairs, policy, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        img = open_image(Path(self.records[self.pairs.rows[i]].path))
+        return self.policy.random_crop(img, g), self.pairs.captions[i]
+
+
+class _EpochBatches(Sampler):
+    """The batches of one epoch from `start` on; the order is a function of (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.order = torch.randperm(n, generator=g).tolist()
+        self.batch_size, self.epoch, self.start = batch_size, epoch, start
+
+    def __iter__(self):
+        for b in range(self.start, D.num_batches(len(self.order), self.batch_size)):
+            yield [(self.epoch, i) for i in self.order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return D.num_batches(len(self.order), self.batch_size) - self.start
+
+
+def _collate(items):
+    return torch.stack([crop for crop, _ in items]), D.pad_captions([c for _, c in items])
+
+
+class ImageData:
+    """The joint phase's PhaseData: decoded, randomly cropped images from DataLoader workers."""
+
+    def __init__(self, net: JointNet, records, train: D.Pairs, val: D.Pairs, policy: CropPolicy, cfg: JointConfig, device):
+        self.net, self.records, self.val, self.policy, self.cfg, self.device = net, records, val, policy, cfg, device
+        self.dataset = _TrainImages(records, train, policy, cfg.seed)
+        self.num_batches = D.num_batches(len(train), cfg.batch_size)
+
+    def train_batches(self, epoch: int, start_batch: int):
+        sampler = _EpochBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=_collate,
+                            persistent_workers=False)
+        for images, captions in loader:
+            yield images.to(self.device), captions.to(self.device)
+
+    @torch.no_grad()
+    def val_batches(self):
+        """Each validation image encoded once (centre crop), then every caption scored on it."""
+        rows = sorted(set(self.val.rows.tolist()))
+        features = {}
+        self.net.eval()
+        for start in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[start : start + self.cfg.batch_size]
+            crops = torch.stack([self.policy.center(open_image(Path(self.records[r].path))) for r in chunk])
+            for r, f in zip(chunk, self.net.encode(crops.to(self.device)), strict=True):
+                features[r] = f
+        for batch in D.eval_batches(self.val, _RowFeatures(features)):
+            yield batch[0].to(self.device), batch[1].to(self.device)
+
+
+class _RowFeatures:
+    def __init__(self, features: dict[int, torch.Tensor]):
+        self.features = features
+
+    def get(self, rows, crops) -> torch.Tensor:
+        return torch.stack([self.features[int(r)].cpu() for r in rows])
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked for, or with `auto` where the hardware runs bf16 natively."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
+
+
+def train_joint(
+    workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
+    options: dict, console: Console, weights: str | None = None,
+) -> Outcome:
+    run_dir = resolve_run(run_dir, resume) if (resume or run_dir is not None) else resolve_run(None, True)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        state, path = load_resumable(ckpt_dir)
+        if state["phase"] != "joint":
+            raise UserError(f"{path} is a {state['phase']}-phase checkpoint: start the joint phase without --resume")
+        check_options_unchanged(state["config"]["joint"], options)
+        cfg = JointConfig(**{**state["config"]["joint"], **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME and v is not None}})
+        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}")
+    else:
+        init = Path(options.get("init") or ckpt_dir / "best.pt")
+        state = load_checkpoint(init)
+        if state["phase"] == "joint" and (ckpt_dir / "last.pt").exists() and init.parent == ckpt_dir:
+            raise UserError(f"{run_dir} is already in the joint phase: add --resume")
+        saved_train = state["config"]["train"]
+        joint_opts = {k: v for k, v in options.items() if k in JointConfig.__dataclass_fields__ and v is not None}
+        cfg = JointConfig(**{"workdir": str(workdir or saved_train["workdir"]), "store": saved_train["store"],
+                             "seed": saved_train["seed"], "batch_size": saved_train["batch_size"],
+                             "lr": saved_train["lr"], **joint_opts, "init": str(init)})
+        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']})")
+
+    device = pick_device()
+    records = read_manifest(Path(cfg.workdir))
+    with FeatureStore.open(Path(cfg.store)) as store:
+        check_store_matches(store, state["store"], "the checkpoint")
+        usable = np.asarray(store.done, dtype=bool)
+        store_identity = {k: store.attrs.get(k) for k in STORE_IDENTITY}
+    vocab = Vocabulary(state["vocab"])
+    model_cfg = CaptionerConfig(**state["config"]["model"])
+    train_pairs = D.build_pairs(records, vocab, "train", usable)
+    val_pairs = D.build_pairs(records, vocab, "val", usable)
+
+    torch.manual_seed(cfg.seed)
+    captioner = Captioner(model_cfg)
+    captioner.load_state_dict(state["model"])
+    encoder = build_encoder({"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})})
+    net = JointNet(encoder, captioner, cfg.unfreeze, autocast_dtype(cfg.precision, device)).to(device)
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.cnn_lr},
+        {"params": captioner.parameters(), "lr": cfg.lr},
+    ])
+    config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        pos = position_from(state)
+        RunLog(run_dir).truncate_after("joint", pos.step)
+    else:
+        # the joint phase continues the run's step count and must beat the decoder phase's best
+        pos = Position(step=state["step"], best=state.get("best_score", float("inf")))
+        write_config(run_dir, {**config, "phase": "joint"})
+    policy = CropPolicy(resize=int(store_identity["resize"]), crop=int(store_identity["crop_size"]),
+                        num_crops=int(store_identity["num_crops"]), seed=int(store_identity["seed"]))
+    fit = Fit(
+        phase="joint", run_dir=run_dir, net=net, optimizer=optimizer,
+        data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device), epochs=cfg.epochs,
+        grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
+        checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
+                                   "config": config, "vocab": vocab.itos, "store": store_identity},
+    )
+    with StopRequest(max_minutes) as stop:
+        outcome = run(fit, pos, stop, console)
+    outcome.run_dir = run_dir
+    return outcome

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny images and caption files that tests write into their own tmp_path."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture
+def tiny_images() -> Callable[..., list[Path]]:
+    """Factory writing small distinct images: tiny_images(folder, ["a.png", "b.jpg"], size=16).
+
+    Each image has its own colour, so no two are byte-identical; the format follows the suffix.
+    """
+
+    def make(folder: Path, names: list[str], size: int = 16) -> list[Path]:
+        paths = []
+        for i, name in enumerate(names):
+            path = Path(folder) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            colour = ((37 * i) % 256, (91 * i + 50) % 256, (173 * i + 100) % 256)
+            Image.new("RGB", (size, size), colour).save(path)
+            paths.append(path)
+        return paths
+
+    return make
+
+
+@pytest.fixture
+def write_csv() -> Callable[..., Path]:
+    """Factory writing rows (first row the header, if any) as a UTF-8 CSV: write_csv(path, rows)."""
+
+    def make(path: Path, rows: list[list[str]], delimiter: str = ",") -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, delimiter=delimiter).writerows(rows)
+        return path
+
+    return make
