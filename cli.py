@@ -115,9 +115,13 @@ def synth(outdir, n, seed, size):
 @click.option("--resume", is_flag=True, help="Continue a store, never recomputing done rows.")
 @click.option("--overwrite", is_flag=True, help="Rebuild a store whose settings differ.")
 @click.option("--encoder-from", type=click.Path(path_type=Path), default=None, help="Use the fine-tuned CNN of this joint-phase run.")
+@click.option("--chunk-rows", type=int, default=None, help="Images per stored chunk, the work an interruption can lose [default: 160 crops' worth].")
 @user_errors
-def featurize(workdir, weights, crops, batch_size, precision, workers, flip, seed, resume, overwrite, encoder_from):
+def featurize(workdir, weights, crops, batch_size, precision, workers, flip, seed, resume, overwrite, encoder_from, chunk_rows):
     """Run the CNN over K crops of every image and store the vectors in HDF5.
+
+    An interrupted run (Ctrl-C, kill, power cut) keeps its finished chunks; --resume completes
+    it without recomputing them.
 
     Example: python cli.py featurize data/work --weights google2015 --crops 5
     """
@@ -126,7 +130,7 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
     path = run_featurize(
         workdir, weights=weights, num_crops=crops, batch_size=batch_size, precision=precision,
         workers=workers, flip=flip, seed=seed, resume=resume, overwrite=overwrite,
-        encoder_from=encoder_from, console=console,
+        encoder_from=encoder_from, console=console, chunk_rows=chunk_rows,
     )
     console.print(f"features in {path}")
 
@@ -262,8 +266,9 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
     results = caption_images(loaded, paths, beam=beam, alpha=alpha, tta=tta, batch_size=batch_size, workers=workers)
     if fmt == "table":
         table = Table("image", "caption")
+        base = target if target.is_dir() else target.parent
         for r in results:
-            table.add_row(r.image, r.caption if r.error is None else f"[red]error: {r.error}[/]")
+            table.add_row(str(Path(r.image).relative_to(base)), r.caption if r.error is None else f"[red]error: {r.error}[/]")
         Console().print(table)
     elif out is not None:
         atomic_write_bytes(out, format_results(results, fmt).encode())
@@ -272,7 +277,7 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
         click.echo(format_results(results, fmt), nl=False)
     failed = [r for r in results if r.error is not None]
     for r in failed:
-        console.print(f"[red]skipped[/] {r.image}: {r.error}")
+        console.print(f"[red]skipped[/] {r.image}: {r.error}", soft_wrap=True)
     if len(failed) == len(results):
         raise UserError(f"none of the {len(results)} images could be captioned")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers import run_cli
+
 
 @pytest.fixture
 def tiny_images() -> Callable[..., list[Path]]:
@@ -42,3 +44,16 @@ def write_csv() -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def featurized(tmp_path_factory) -> Path:
+    """A real prepared and featurized synthetic dataset (random CNN weights, 2 crops): WORKDIR.
+
+    Built once per session through the CLI, the way a user builds one; tests must not modify it.
+    """
+    root = tmp_path_factory.mktemp("featurized")
+    run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
+    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
+    run_cli("featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--batch-size", 16)
+    return root / "work"

@@ -1,0 +1,91 @@
+"""Seconds per decoder epoch on cached features vs an end-to-end epoch the original's way.
+
+    python bench/decoder_epoch.py [WORKDIR] [--sample-batches 3]
+
+WORKDIR is a prepared and featurized dataset (default: data/work from `make features`). The
+decoder epoch is timed in full; the end-to-end epoch (decode + resize + random 299 crop with
+torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
+few batches and extrapolated to the same number of batches. Both run here, in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from decoder import data as D  # noqa: E402
+from decoder.model import Captioner, CaptionerConfig, caption_loss  # noqa: E402
+from decoder.train import FeatureData, TrainConfig  # noqa: E402
+from decoder.vocab import Vocabulary  # noqa: E402
+from featurize.encoder import build_inception  # noqa: E402
+from store.features import FeatureStore, find_store  # noqa: E402
+from store.manifest import read_manifest  # noqa: E402
+
+
+def decoder_epoch(store: FeatureStore, train: D.Pairs, val: D.Pairs, vocab: Vocabulary, workdir: Path) -> tuple[float, int]:
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    data = FeatureData(store, train, val, TrainConfig(workdir=str(workdir), store=str(store.path)))
+    started = time.perf_counter()
+    for features, captions in data.train_batches(0, 0):
+        loss = caption_loss(model(features, captions), captions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - started, data.num_batches
+
+
+def end_to_end_batches(records, train: D.Pairs, vocab: Vocabulary, n_batches: int, batch_size: int = 32) -> float:
+    """Mean seconds per batch of the original's training step, images decoded in the loop."""
+    transform = transforms.Compose([transforms.Resize((356, 356)), transforms.RandomCrop(299), transforms.ToTensor()])
+    encoder = build_inception("none").train()  # same compute whatever the weights
+    model = Captioner(CaptionerConfig(vocab_size=len(vocab)))
+    opt = torch.optim.Adam([*encoder.parameters(), *model.parameters()], lr=3e-4)
+    rng = np.random.default_rng(0)
+    times = []
+    for b in range(n_batches + 1):  # the first batch warms up and is not counted
+        idx = rng.choice(len(train), size=batch_size, replace=False)
+        started = time.perf_counter()
+        images = torch.stack([transform(Image.open(records[train.rows[i]].path).convert("RGB")) for i in idx])
+        captions = D.pad_captions([train.captions[i] for i in idx])
+        loss = caption_loss(model(encoder(images), captions), captions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if b:
+            times.append(time.perf_counter() - started)
+    return float(np.mean(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdir", nargs="?", type=Path, default=Path("data/work"))
+    p.add_argument("--sample-batches", type=int, default=3)
+    a = p.parse_args()
+    records = read_manifest(a.workdir)
+    vocab = Vocabulary.load(a.workdir / "vocab.json")
+    with FeatureStore.open(find_store(a.workdir)) as store:
+        usable = np.asarray(store.done, dtype=bool)
+        train = D.build_pairs(records, vocab, "train", usable)
+        val = D.build_pairs(records, vocab, "val", usable)
+        cached, n_batches = decoder_epoch(store, train, val, vocab, a.workdir)
+    per_batch = end_to_end_batches(records, train, vocab, a.sample_batches)
+    e2e = per_batch * n_batches
+    print(f"dataset: {a.workdir} ({len(train)} train captions, {n_batches} batches of 32), torch threads {torch.get_num_threads()}")
+    print(f"decoder epoch on cached features: {cached:8.2f} s")
+    print(f"end-to-end epoch, original way:   {e2e:8.1f} s  ({per_batch:.2f} s/batch x {n_batches}, from {a.sample_batches} batches)")
+    print(f"ratio: {e2e / cached:.0f}x faster per epoch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`evaluate` and `caption`: metric files, output formats, bad images, mismatched stores."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from decoder.metrics import score_captions
+from tests.helpers import run_cli
+
+TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained(featurized, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_cli("train", featurized, "--run", run, "--epochs", 2, "--lr", "3e-3", *TINY)
+    return run
+
+
+def test_metrics_on_known_inputs():
+    refs = {"a": ["a red circle above a blue square", "a red circle and a blue square"], "b": ["a green triangle"]}
+    perfect, _ = score_captions(refs, {"a": "a red circle above a blue square", "b": "a green triangle"}, use_java=False)
+    assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
+    wrong, notes = score_captions(refs, {"a": "two yellow stars", "b": "purple"}, use_java=False)
+    assert wrong["BLEU-1"] < 0.01 and wrong["CIDEr-D"] == pytest.approx(0.0)
+    assert "METEOR" not in wrong and "METEOR skipped" in notes[0]
+    half, _ = score_captions({"a": ["red circle"]}, {"a": "red square"}, use_java=False)
+    assert half["BLEU-1"] == pytest.approx(0.5)
+
+
+def test_evaluate_writes_scores_and_captions(trained):
+    out = run_cli("evaluate", trained, "--split", "val", "--beam", 2)
+    assert "CIDEr-D" in out.stdout
+    result = json.loads((trained / "eval" / "val.json").read_text())
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(result["scores"])
+    assert result["images"] > 0 and result["beam"] == 2
+    with open(trained / "eval" / "val_captions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["images"] and all(r["caption"] for r in rows)
+    assert not any(marker in r["caption"] for r in rows for marker in ("<start>", "<end>", "<pad>"))
+
+
+def test_caption_formats_and_bad_files(trained, featurized, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "nested").mkdir(parents=True)
+    images = sorted((featurized.parent / "synth" / "images").glob("*.png"))[:3]
+    shutil.copy(images[0], photos / "one.png")
+    Image.open(images[1]).convert("RGB").save(photos / "nested" / "two.jpg")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("not an image, ignored")
+
+    out = run_cli("caption", photos, "--run", trained, "--format", "json", "--workers", 0)
+    rows = json.loads(out.stdout)
+    by_name = {r["image"].split("/")[-1]: r for r in rows}
+    assert set(by_name) == {"broken.jpg", "one.png", "two.jpg"}
+    assert "error" in by_name["broken.jpg"] and by_name["one.png"]["caption"]
+    assert "skipped" in out.stderr and "broken.jpg" in out.stderr
+
+    out_csv = tmp_path / "c.csv"
+    run_cli("caption", photos / "one.png", "--run", trained, "--format", "csv", "--out", out_csv, "--beam", 1, "--workers", 0)
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["caption"] and rows[0]["error"] == ""
+
+    table = run_cli("caption", photos, "--checkpoint", trained / "checkpoints" / "last.pt", "--workers", 0)
+    assert "one.png" in table.stdout
+
+
+def test_caption_fails_only_when_nothing_could_be_captioned(trained, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"")
+    out = run_cli("caption", tmp_path, "--run", trained, "--workers", 0, check=False)
+    assert out.returncode == 1 and "none of the 1 images could be captioned" in out.stderr
+    out = run_cli("caption", tmp_path / "missing", "--run", trained, check=False)
+    assert out.returncode == 1 and out.stderr.strip().endswith("no such file or directory")
+
+
+def test_a_run_refuses_a_store_from_another_dataset(trained, featurized, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(featurized, other)
+    manifest = other / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n")  # one image fewer: another dataset
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train"]["workdir"] == str(featurized)
+    out = run_cli("train", other, "--run", tmp_path / "r", *TINY, check=False)
+    assert out.returncode == 1 and "another manifest" in out.stderr
+
+
+def test_checkpoint_store_identity_is_checked(featurized):
+    from decoder.train import check_store_matches
+    from store.errors import UserError
+    from store.features import FeatureStore, find_store
+
+    with FeatureStore.open(find_store(featurized)) as store:
+        check_store_matches(store, dict(store.attrs), "the run")  # its own identity passes
+        with pytest.raises(UserError, match="manifest_sha256: the run has 'abc'"):
+            check_store_matches(store, {**store.attrs, "manifest_sha256": "abc"}, "the run")

@@ -1,0 +1,156 @@
+"""Decoder phase: learning, exact resume, clean stops on signals and time, streaming, logs."""
+
+import csv
+import io
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from cli import main
+from decoder import data as D
+from decoder.train import FeatureData, TrainConfig, train_decoder
+from decoder.vocab import Vocabulary
+from store.features import FeatureStore, find_store
+from store.manifest import read_manifest
+from tests.helpers import ROOT, run_cli
+
+TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
+
+
+def params(run_dir, name="last.pt"):
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
+
+
+def test_validation_loss_falls_and_logs_and_plots_are_written(featurized, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", featurized, "--run", run, "--epochs", 4, "--lr", "3e-3", *TINY)
+    with open(run / "metrics" / "epochs.csv") as f:
+        epochs = list(csv.DictReader(f))
+    val = [float(r["val_loss"]) for r in epochs]
+    assert len(val) == 4 and val[-1] < val[0]
+    with open(run / "metrics" / "batches.csv") as f:
+        batches = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in batches] == list(range(1, len(batches) + 1))
+    assert {r["phase"] for r in batches} == {"decoder"}
+    assert (run / "plots" / "batch_loss.png").stat().st_size > 0
+    assert (run / "plots" / "epoch_loss.png").stat().st_size > 0
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["phase"] == "decoder" and ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert (run / "config.json").exists()
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(featurized, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli("train", featurized, "--run", straight, "--epochs", 2, *TINY)
+    run_cli("train", featurized, "--run", resumed, "--epochs", 1, *TINY)
+    run_cli("train", "--run", resumed, "--resume", "--epochs", 2)
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stops_mid_epoch_on_time_limit_and_resumes_exactly(featurized, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    options = {"epochs": 2, "embed_size": 16, "hidden_size": 16, "batch_size": 8}
+    quiet = Console(file=io.StringIO())
+    train_decoder(featurized, straight, resume=False, max_minutes=None, options=options, console=quiet)
+    # A tiny time limit stops after every batch; each session resumes mid-epoch from the sampler position.
+    outcome = train_decoder(featurized, stopped, resume=False, max_minutes=1e-9, options=options, console=quiet)
+    assert outcome.status.startswith("time limit") and outcome.position.batch == 1
+    sessions = 1
+    while outcome.status != "finished":
+        outcome = train_decoder(None, stopped, resume=True, max_minutes=1e-9, options={}, console=quiet)
+        sessions += 1
+    assert sessions > 4
+    a, b = params(straight), params(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(stopped / "metrics" / "batches.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(1, len(steps) + 1))  # every batch logged once, in order
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_with_a_checkpoint(featurized, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(featurized), "--run", str(run), "--epochs", "100000", *TINY],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"stopped ({sig.name})" in err and "--resume" in err
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] > 0
+    resumed = run_cli("train", "--run", run, "--resume", "--epochs", state["epoch"] + 1)
+    assert "resuming" in resumed.stderr
+
+
+def test_second_ctrl_c_interrupts_at_once(featurized, tmp_path):
+    from decoder.stopping import StopRequest
+
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.reason() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_streaming_gives_the_same_batches_as_memory(featurized):
+    records = read_manifest(featurized)
+    vocab = Vocabulary.load(featurized / "vocab.json")
+    with FeatureStore.open(find_store(featurized)) as store:
+        usable = np.asarray(store.done, dtype=bool)
+        train = D.build_pairs(records, vocab, "train", usable)
+        val = D.build_pairs(records, vocab, "val", usable)
+        cfg = TrainConfig(workdir=str(featurized), store=str(store.path), batch_size=8)
+        in_ram = FeatureData(store, train, val, cfg)
+        streamed = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}))
+        assert isinstance(streamed.source, D.StreamingFeatures) and isinstance(in_ram.source, D.InMemoryFeatures)
+        streamed.source.chunk_rows = 3  # many chunks, so the chunk cache is exercised
+        for epoch in (0, 1):
+            for (fa, ca), (fb, cb) in zip(in_ram.train_batches(epoch, 0), streamed.train_batches(epoch, 0), strict=True):
+                assert torch.equal(fa, fb) and torch.equal(ca, cb)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    pairs = D.Pairs(np.repeat(np.arange(50), 3), [[1, 2]] * 150)
+    order, crops = D.epoch_order(pairs, epoch=3, seed=7, num_crops=5, chunk_rows=4)
+    again, crops_again = D.epoch_order(pairs, epoch=3, seed=7, num_crops=5, chunk_rows=4)
+    other, _ = D.epoch_order(pairs, epoch=4, seed=7, num_crops=5, chunk_rows=4)
+    assert sorted(order.tolist()) == list(range(150))
+    assert np.array_equal(order, again) and np.array_equal(crops, crops_again)
+    assert not np.array_equal(order, other)
+    assert set(crops.tolist()) == set(range(5))
+
+
+def test_resume_refuses_a_changed_architecture(featurized, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", featurized, "--run", run, "--epochs", 1, *TINY)
+    out = run_cli("train", "--run", run, "--resume", "--hidden-size", 32, check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == "Error: cannot change --hidden-size on resume: the run was trained with 16, got 32"
+    out = run_cli("train", featurized, "--run", run, *TINY, check=False)
+    assert out.returncode == 1 and "already has checkpoints" in out.stderr
+
+
+def test_user_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(tmp_path / "nowhere"), "--run", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    result = runner.invoke(main, ["train", "--run", str(tmp_path / "r"), "--resume"])
+    assert result.exit_code == 1 and "nothing to resume" in result.output
+
+
+@pytest.mark.parametrize("command", ["prepare", "synth", "featurize", "train", "plot", "evaluate", "caption"])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output
