@@ -153,6 +153,7 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 @click.option("--num-layers", type=int, default=None, help="LSTM layers [default: 1].")
 @click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
+@click.option("--select-by", type=click.Choice(["loss", "cider"]), default=None, help="Validation score that picks best.pt [default: loss].")
 @click.option("--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM.")
 @click.option("--weights", default=None, help="Which feature store of WORKDIR to train on, by weights name [default: the only one].")
 @click.option("--init", type=click.Path(path_type=Path), default=None, help="Joint: decoder checkpoint to start from [default: RUNDIR/checkpoints/best.pt].")

@@ -239,7 +239,9 @@ def train_joint(
         RunLog(run_dir).truncate_after("joint", pos.step)
     else:
         # the joint phase continues the run's step count and must beat the decoder phase's best
-        pos = Position(step=state["step"], best=state.get("best_score", float("inf")))
+        # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)
+        by_loss = state["config"]["train"].get("select_by", "loss") == "loss"
+        pos = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
         write_config(run_dir, {**config, "phase": "joint"})
     policy = CropPolicy(resize=int(store_identity["resize"]), crop=int(store_identity["crop_size"]),
                         num_crops=int(store_identity["num_crops"]), seed=int(store_identity["seed"]))

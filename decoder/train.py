@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     stream: bool = False
+    select_by: str = "loss"  # which validation score picks best.pt: "loss" or "cider"
 
 
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
@@ -89,6 +90,28 @@ def check_options_unchanged(saved: dict, options: dict) -> None:
             continue
         if saved[key] != value:
             raise UserError(f"cannot change --{key.replace('_', '-')} on resume: the run was trained with {saved[key]!r}, got {value!r}")
+
+
+def val_cider_score(model: Captioner, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
+    """A function giving minus the validation CIDEr-D of greedy captions (lower is better, like a loss).
+
+    Greedy decoding on the centre crop keeps it cheap enough to run every epoch, and it draws no
+    random numbers, so selecting by CIDEr does not change the training trajectory.
+    """
+    from decoder.metrics import score_captions
+    from decoder.search import greedy
+
+    rows = [i for i, r in enumerate(records) if r.split == "val" and usable[i]]
+    features = torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))  # (n, D)
+    references = {records[i].id: records[i].captions for i in rows}
+
+    def score(_val_loss: float) -> float:
+        model.eval()
+        ids = greedy(model, features, vocab.start_id, vocab.end_id)
+        hypotheses = {records[i].id: " ".join(vocab.decode(seq)) for i, seq in zip(rows, ids, strict=True)}
+        return -score_captions(references, hypotheses, use_java=False)[0]["CIDEr-D"]
+
+    return score
 
 
 def train_decoder(
@@ -151,10 +174,12 @@ def train_decoder(
                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
             )
 
+        select = val_cider_score(model, vocab, store, records, usable) if cfg.select_by == "cider" else None
         fit = Fit(
             phase="decoder", run_dir=run_dir, net=model, optimizer=optimizer,
             data=FeatureData(store, train_pairs, val_pairs, cfg), epochs=cfg.epochs, grad_clip=cfg.grad_clip,
             checkpoint_fields=lambda: {"model": model.state_dict(), "config": config, "vocab": vocab.itos, "store": store_identity},
+            select_score=select,
         )
         with StopRequest(max_minutes) as stop:
             outcome = run(fit, pos, stop, console)
