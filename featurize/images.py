@@ -30,12 +30,15 @@ def is_image_path(path: Path) -> bool:
 def open_image(path: Path) -> Image.Image:
     """The fully decoded RGB image at `path`, rotated upright; raises ImageError."""
     path = Path(path)
-    if path.is_dir():
-        raise ImageError("is a directory")
-    if not path.exists():
-        raise ImageError("missing file")
-    if path.stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+    try:
+        if path.is_dir():
+            raise ImageError("is a directory")
+        if not path.exists():
+            raise ImageError("missing file")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+    except OSError as e:  # a name too long for the file system, a permission problem, ...
+        raise ImageError(f"cannot read: {e.strerror or e}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -63,10 +66,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white. A 16-bit
+        # mode is always out of 65535, however dark the picture; a 32-bit "I" image (older
+        # Pillows open 16-bit PNGs so) is taken as 16-bit only when it uses values above 255.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        top = max(arr.max(), 1.0)
-        return Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype("uint8")).convert("RGB")
+        sixteen = img.mode != "I" or arr.max() > 255
+        scale = 255.0 / 65535.0 if sixteen else 1.0
+        return Image.fromarray((arr * scale).round().clip(0, 255).astype("uint8")).convert("RGB")
     return img.convert("RGB")

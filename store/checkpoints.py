@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from store.errors import UserError
+from store.manifest import remove_stale_temporaries
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase", "config", "vocab", "rng")
@@ -23,15 +24,22 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> Non
     """Write `state` to `path` atomically; with keep_previous the old file becomes previous.pt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)  # left by a process killed while writing
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+        # torch.save reports a failed write (a full disk) as a RuntimeError whose context is
+        # the OSError; anything else (an unpicklable state, Ctrl-C) keeps its traceback
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        kept = "; the previous checkpoint is intact" if path.exists() else ""
+        raise UserError(f"could not write checkpoint {path}: {cause.strerror or cause}{kept}") from None
     if keep_previous and path.exists():
         os.replace(path, path.with_name("previous.pt"))
     os.replace(tmp, path)

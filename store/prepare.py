@@ -16,7 +16,9 @@ byte-identical manifest.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -30,12 +32,14 @@ from store.manifest import (
     VOCAB_NAME,
     Record,
     atomic_write_bytes,
+    remove_stale_temporaries,
     write_manifest,
 )
 from store.sources import open_source
 
 REPEAT_RUN = 3  # a token this many times in a row makes a caption degenerate ("kettle kettle kettle")
 DOMINANT_MIN_TOKENS = 4  # from this length, one word making up half the caption is degenerate
+STAGING = ".prepare"  # WORKDIR/.prepare.tmp<pid>/: the outputs while they are being written
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -121,6 +125,7 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
 
     images: dict[Path, tuple[str, str]] = {}  # path -> (id, where first named)
     captions: dict[Path, list[str]] = {}  # path -> cleaned captions, in row order
+    seen: dict[Path, set[str]] = {}  # the same, as sets: a list lookup per row is quadratic
     dropped_captions: list[dict] = []
     dropped_images: dict[str, dict] = {}
     rows_read = 0
@@ -136,13 +141,15 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
         tokens = tokenize(row.caption)
         problem = caption_problem(tokens, max_length)
         kept = captions.setdefault(row.path, [])
+        kept_set = seen.setdefault(row.path, set())
         cleaned = " ".join(tokens)
-        if problem is None and cleaned in kept:
+        if problem is None and cleaned in kept_set:
             problem = ("duplicate", "same image and caption as an earlier row")
         if problem:
             dropped_captions.append(_entry(row.image, row.where, *problem, row.caption))
         else:
             kept.append(cleaned)
+            kept_set.add(cleaned)
 
     checked = []
     for path, (image_id, where) in _progress(sorted(images.items(), key=lambda kv: kv[1][0]),
@@ -166,9 +173,6 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
     vocab = Vocabulary.build((c.split() for r in by_split["train"] for c in r.captions),
                              min_count=min_word_count)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_manifest(workdir, records)
-    vocab.save(workdir / VOCAB_NAME)
     report = {
         "source": src.description,
         "workdir": str(workdir),
@@ -185,9 +189,38 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
         "dropped_captions": dropped_captions,
         "notes": src.notes,
     }
-    atomic_write_bytes(workdir / REPORT_NAME,
-                       (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    _write_outputs(workdir, records, vocab, report)
     return report
+
+
+def _write_outputs(workdir: Path, records: list[Record], vocab: Vocabulary, report: dict) -> None:
+    """Write manifest, vocabulary and report into a staging folder, then rename them into
+    WORKDIR: a full disk, Ctrl-C or kill -9 while writing leaves the previous three files as
+    they were (never half a file, nor a new manifest beside an old vocabulary), and the next
+    run removes the abandoned staging folder."""
+    staging = workdir / f"{STAGING}.tmp{os.getpid()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(workdir / STAGING)
+        staging.mkdir(exist_ok=True)
+        write_manifest(staging, records)
+        vocab.save(staging / VOCAB_NAME)
+        atomic_write_bytes(staging / REPORT_NAME,
+                           (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write to {workdir}: {e.strerror or e}; its previous "
+                            "files are unchanged") from None
+        raise
+    for name in (MANIFEST_NAME, VOCAB_NAME, REPORT_NAME):  # the report, last, marks a finished run
+        os.replace(staging / name, workdir / name)
+    staging.rmdir()
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the renames durable
+    finally:
+        os.close(fd)
 
 
 def _entry(image: str, where: str, rule: str, reason: str, caption: str) -> dict:

@@ -176,9 +176,18 @@ class PathResolver:
         base = Path(os.path.abspath(base))
         self.bases = [base] if base == self.root else [base, self.root]
         self._by_name: dict[str, list[Path]] | None = None
+        # written path -> answer: datasets name each image in several rows (5 in Flickr8k), and
+        # the path arithmetic and stat calls dominate reading a large caption file
+        self._cache: dict[str, Row] = {}
 
     def resolve(self, written: str) -> Row:
         """A Row (caption and where left empty) with the image id and path, or the refusal."""
+        found = self._cache.get(written)
+        if found is None:
+            found = self._cache[written] = self._resolve(written)
+        return found
+
+    def _resolve(self, written: str) -> Row:
         text = _FLICKR_SUFFIX.sub(r"\1", str(written).strip().replace("\\", "/"))
         if not text:
             return Row("", None, "", "", "no_image", "no image path")
@@ -189,8 +198,11 @@ class PathResolver:
             return Row(text, None, "", "", "outside_dataset",
                        f"path outside the dataset folder {self.root}")
         for path in inside:
-            if path.exists():
-                return self._row(path)
+            try:
+                if path.exists():
+                    return self._row(path)
+            except OSError as e:  # a name longer than the file system allows
+                return Row(text, None, "", "", "bad_path", f"unusable path: {e.strerror or e}")
         if len(written_path.parts) == 1:
             hits = self._index().get(text, [])
             if len(hits) == 1:
@@ -239,7 +251,10 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
             raise UserError(f"{path} is empty (its first line is blank)")
         delimiter = _delimiter(first_line)
         reader = csv.reader(itertools.chain([first_line], lines), delimiter=delimiter)
-        first = next(reader)
+        try:
+            first = next(reader)
+        except csv.Error as e:
+            raise UserError(f"{path}: not a caption table ({e})") from None
         img_idx, cap_idx, has_header = _layout([c.strip() for c in first], path, image_column,
                                                caption_column)
         ncols = len(first)
@@ -282,7 +297,10 @@ def _decoded_lines(f, path: Path, notes: list[str]) -> Iterator[str]:
         yield from io.TextIOWrapper(f, encoding="utf-16", errors="replace", newline="")
         return
     latin1 = 0
-    for number, raw in enumerate(f):
+    # bytes.splitlines also ends lines at a lone CR (old Mac spreadsheets), which iterating the
+    # file does not; a CR the csv module finds mid-line is an error
+    pieces = (piece for raw in f for piece in raw.splitlines(keepends=True))
+    for number, raw in enumerate(pieces):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -345,8 +363,9 @@ def _layout(first: list[str], path: Path, image_column: str | None,
     if len(first) == 2 and len(looks) == 1 and image_column is None and caption_column is None:
         return looks[0], 1 - looks[0], False
     missing = "image" if img_idx is None else "caption"
+    shown = " ".join(", ".join(first).split())[:120]  # one line, even for a binary file
     raise UserError(f"{path}: no recognisable {missing} column (first line: "
-                    f"{', '.join(first)[:120]}); name it with --{missing}-column")
+                    f"{shown}); name it with --{missing}-column")
 
 
 # --- parquet ------------------------------------------------------------------------------------
