@@ -13,7 +13,7 @@ Weight sources (see design.md, "Weights"):
   padding and the pool branch of the last block is a max pool, so the module switches its
   branch pools to that convention ("tf" pooling).
 - `torchvision`: torchvision's IMAGENET1K_V1 (also ported from Google), with torchvision's pooling.
-- `none`: random initialisation, for tests.
+- `none`: a fixed (seeded) random initialisation, for tests.
 - a PATH: a state dict saved by torch (a bare Inception3 state dict, this module's, or a
   légende checkpoint dict holding it under "encoder").
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import urllib.error
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,13 @@ from torch import Tensor, nn
 from torchvision.models.inception import (
     BasicConv2d,
     Inception3,
+    Inception_V3_Weights,
     InceptionA,
     InceptionAux,
     InceptionB,
     InceptionC,
     InceptionD,
     InceptionE,
-    Inception_V3_Weights,
 )
 
 from store.errors import UserError
@@ -225,7 +226,7 @@ class InceptionEncoder(Inception3):
 def build_inception(weights: str = "google2015") -> InceptionEncoder:
     """The encoder with `weights` loaded (google2015 | torchvision | none | PATH), in eval mode."""
     if weights == "none":
-        return InceptionEncoder("torchvision", init_weights=True).eval()
+        return _random_init(InceptionEncoder("torchvision", init_weights=False)).eval()
     if weights == "google2015":
         state, pooling = _google2015_state(_google2015_file()), "tf"
     elif weights == "torchvision":
@@ -238,16 +239,23 @@ def build_inception(weights: str = "google2015") -> InceptionEncoder:
 
 
 def encoder_info(weights: str = "google2015") -> dict[str, str]:
-    """What identifies the encoder's output: name, weights and the sha256 of the weights file."""
+    """What identifies the encoder's output: name, weights and the sha256 of the weights file.
+
+    `weights_path` is where a state dict file was read (absolute; "" for the named sources):
+    `build_inception(weights_path or weights)` rebuilds the same encoder later.
+    """
     if weights == "none":
-        return {"encoder": ENCODER, "weights": "none", "weights_sha256": ""}
+        return {"encoder": ENCODER, "weights": "none", "weights_sha256": "", "weights_path": ""}
     if weights == "google2015":
         path = _google2015_file()
     elif weights == "torchvision":
         path = _torchvision_file()
     else:
         path = _weights_path(weights)
-    return {"encoder": ENCODER, "weights": weights_name(weights), "weights_sha256": file_sha256(path)}
+    return {
+        "encoder": ENCODER, "weights": weights_name(weights), "weights_sha256": file_sha256(path),
+        "weights_path": "" if weights in KNOWN_WEIGHTS else str(path.resolve()),
+    }
 
 
 def weights_name(weights: str) -> str:
@@ -271,6 +279,19 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def _random_init(net: InceptionEncoder) -> InceptionEncoder:
+    """The same random network in every process (a resumed run must match), He-initialised.
+
+    torchvision's own init (truncated normal, std 0.1) grows activations about 4x per layer:
+    pooled features reach ~1e6 and overflow the store's float16. He init keeps them near 1.
+    """
+    g = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=g)
+    return net
+
+
 def _google2015_file() -> Path:
     spec = importlib.util.find_spec(GOOGLE2015_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -285,7 +306,9 @@ def _google2015_file() -> Path:
 
 def _google2015_state(path: Path) -> dict[str, Tensor]:
     """Google's TorchScript parameters renamed to torchvision's Inception3 state dict keys."""
-    ts = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; it still reads the file
+        ts = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     names = dict(GOOGLE2015_STEM)
     for ts_block, tv_block, table in GOOGLE2015_BLOCKS:
         names.update({f"{ts_block}.{a}": f"{tv_block}.{b}" for a, b in table.items()})
