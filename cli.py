@@ -21,7 +21,7 @@ from rich.console import Console
 from store.errors import UserError
 
 DEFAULT_WORKDIR = Path("data/work")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 
 
 def user_errors(fn):
@@ -116,12 +116,17 @@ def synth(outdir, n, seed, size):
 @click.option("--overwrite", is_flag=True, help="Rebuild a store whose settings differ.")
 @click.option("--encoder-from", type=click.Path(path_type=Path), default=None, help="Use the fine-tuned CNN of this joint-phase run.")
 @click.option("--chunk-rows", type=int, default=None, help="Images per stored chunk, the work an interruption can lose [default: 160 crops' worth].")
+@click.option("--resize", default=356, help="Side the image is resized to before cropping.")
+@click.option("--crop-size", default=299, help="Side of each crop (Inception v3 needs at least 75).")
 @user_errors
-def featurize(workdir, weights, crops, batch_size, precision, workers, flip, seed, resume, overwrite, encoder_from, chunk_rows):
+def featurize(workdir, weights, crops, batch_size, precision, workers, flip, seed, resume, overwrite, encoder_from, chunk_rows, resize, crop_size):
     """Run the CNN over K crops of every image and store the vectors in HDF5.
 
     An interrupted run (Ctrl-C, kill, power cut) keeps its finished chunks; --resume completes
     it without recomputing them.
+
+    After a joint-phase run, --encoder-from RUNDIR re-caches the features with its fine-tuned CNN
+    (store inception_v3-finetuned-<run>.h5; train on it with --weights finetuned-<run>).
 
     Example: python cli.py featurize data/work --weights google2015 --crops 5
     """
@@ -130,7 +135,7 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
     path = run_featurize(
         workdir, weights=weights, num_crops=crops, batch_size=batch_size, precision=precision,
         workers=workers, flip=flip, seed=seed, resume=resume, overwrite=overwrite,
-        encoder_from=encoder_from, console=console, chunk_rows=chunk_rows,
+        encoder_from=encoder_from, console=console, chunk_rows=chunk_rows, resize=resize, crop_size=crop_size,
     )
     console.print(f"features in {path}")
 

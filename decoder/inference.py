@@ -65,7 +65,7 @@ def build_encoder(state: dict) -> torch.nn.Module:
     from featurize.encoder import build_inception
 
     store = state.get("store", {})
-    encoder = build_inception(str(store.get("weights", "google2015")))
+    encoder = build_inception(str(store.get("weights_path") or store.get("weights", "google2015")))
     if "encoder" in state:
         encoder.load_state_dict(state["encoder"])
     return encoder.eval()

@@ -30,7 +30,7 @@ from decoder.inference import build_encoder
 from decoder.loop import Fit, Outcome, Position, position_from, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
-from decoder.train import STORE_IDENTITY, check_options_unchanged, check_store_matches, resolve_run
+from decoder.train import check_options_unchanged, check_store_matches, resolve_run, store_identity
 from decoder.vocab import Vocabulary
 from featurize.crops import CropPolicy, to_float
 from featurize.images import open_image
@@ -139,8 +139,10 @@ class ImageData:
 
     def train_batches(self, epoch: int, start_batch: int):
         sampler = _EpochBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+        # its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+        # drives dropout, and one more draw per resumed session would change the run
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=_collate,
-                            persistent_workers=False)
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         for images, captions in loader:
             yield images.to(self.device), captions.to(self.device)
 
@@ -216,7 +218,7 @@ def train_joint(
     with FeatureStore.open(Path(cfg.store)) as store:
         check_store_matches(store, state["store"], "the checkpoint")
         usable = np.asarray(store.done, dtype=bool)
-        store_identity = {k: store.attrs.get(k) for k in STORE_IDENTITY}
+        identity = store_identity(store)
     vocab = Vocabulary(state["vocab"])
     model_cfg = CaptionerConfig(**state["config"]["model"])
     train_pairs = D.build_pairs(records, vocab, "train", usable)
@@ -243,14 +245,14 @@ def train_joint(
         by_loss = state["config"]["train"].get("select_by", "loss") == "loss"
         pos = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
         write_config(run_dir, {**config, "phase": "joint"})
-    policy = CropPolicy(resize=int(store_identity["resize"]), crop=int(store_identity["crop_size"]),
-                        num_crops=int(store_identity["num_crops"]), seed=int(store_identity["seed"]))
+    policy = CropPolicy(resize=int(identity["resize"]), crop=int(identity["crop_size"]),
+                        num_crops=int(identity["num_crops"]), seed=int(identity["seed"]))
     fit = Fit(
         phase="joint", run_dir=run_dir, net=net, optimizer=optimizer,
         data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device), epochs=cfg.epochs,
         grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
         checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
-                                   "config": config, "vocab": vocab.itos, "store": store_identity},
+                                   "config": config, "vocab": vocab.itos, "store": identity},
     )
     with StopRequest(max_minutes) as stop:
         outcome = run(fit, pos, stop, console)

@@ -76,6 +76,12 @@ def resolve_run(run_dir: Path | None, resume: bool) -> Path:
     return run_dir
 
 
+def store_identity(store: FeatureStore) -> dict:
+    """What a checkpoint records of its store: the identity it is checked against, and where the
+    CNN's weights file is (so `caption` can rebuild the CNN from a PATH source)."""
+    return {**{k: store.attrs.get(k) for k in STORE_IDENTITY}, "weights_path": store.attrs.get("weights_path", "")}
+
+
 def check_store_matches(store: FeatureStore, expected: dict, what: str) -> None:
     """A run trained on one store refuses another (other CNN, crops or dataset), naming the difference."""
     diffs = [f"{k}: {what} has {expected.get(k)!r}, store has {store.attrs.get(k)!r}"
@@ -158,7 +164,7 @@ def train_decoder(
         torch.manual_seed(cfg.seed)
         model = Captioner(model_cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        store_identity = {k: store.attrs.get(k) for k in STORE_IDENTITY}
+        identity = store_identity(store)
         config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
         if state is not None:
             model.load_state_dict(state["model"])
@@ -178,7 +184,7 @@ def train_decoder(
         fit = Fit(
             phase="decoder", run_dir=run_dir, net=model, optimizer=optimizer,
             data=FeatureData(store, train_pairs, val_pairs, cfg), epochs=cfg.epochs, grad_clip=cfg.grad_clip,
-            checkpoint_fields=lambda: {"model": model.state_dict(), "config": config, "vocab": vocab.itos, "store": store_identity},
+            checkpoint_fields=lambda: {"model": model.state_dict(), "config": config, "vocab": vocab.itos, "store": identity},
             select_score=select,
         )
         with StopRequest(max_minutes) as stop:

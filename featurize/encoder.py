@@ -238,6 +238,24 @@ def build_inception(weights: str = "google2015") -> InceptionEncoder:
     return net.eval()
 
 
+def export_finetuned(run_dir: Path) -> Path:
+    """Save a joint-phase run's fine-tuned CNN as RUNDIR/finetuned-<run>.pt and return its path.
+
+    The file name becomes the weights name of the stores built from it
+    (`inception_v3-finetuned-<run>.h5`), so later decoder runs pick it with `--weights finetuned-<run>`.
+    """
+    from store.checkpoints import load_checkpoint, save_state_dict
+
+    run_dir = Path(run_dir)
+    for name in ("best.pt", "last.pt"):
+        path = run_dir / "checkpoints" / name
+        if path.exists() and "encoder" in (state := load_checkpoint(path)):
+            out = run_dir / f"finetuned-{run_dir.name}.pt"
+            save_state_dict(state["encoder"], out)
+            return out
+    raise UserError(f"{run_dir} has no joint-phase checkpoint with a fine-tuned CNN: run `train --phase joint` first")
+
+
 def encoder_info(weights: str = "google2015") -> dict[str, str]:
     """What identifies the encoder's output: name, weights and the sha256 of the weights file.
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.inception import BasicConv2d
 
 from featurize.crops import CropPolicy, to_float
-from featurize.encoder import ENCODER, FEATURE_DIM, build_inception, encoder_info
+from featurize.encoder import ENCODER, FEATURE_DIM, build_inception, encoder_info, export_finetuned
 from featurize.images import ImageError, open_image
 from store.errors import UserError
 from store.features import FeatureStore, StoreWriter, existing_attrs, store_path
@@ -61,7 +61,7 @@ def featurize(
 ) -> Path:
     """Build (or with `resume`, complete) WORKDIR/features/<encoder>-<weights>.h5; returns its path."""
     if encoder_from is not None:
-        raise UserError("--encoder-from is not available yet: featurize with --weights PATH to a state dict")
+        weights = str(export_finetuned(Path(encoder_from)))
     if batch_size < 1 or workers < 0 or (chunk_rows is not None and chunk_rows < 1):
         raise UserError("--batch-size and --chunk-rows must be at least 1, --workers at least 0")
     workdir = Path(workdir)

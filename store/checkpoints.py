@@ -46,6 +46,17 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> Non
     _fsync_dir(path.parent)
 
 
+def save_state_dict(state: dict, path: Path) -> None:
+    """A bare state dict (no checkpoint fields), written atomically like a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -48,12 +48,12 @@ def write_csv() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def featurized(tmp_path_factory) -> Path:
-    """A real prepared and featurized synthetic dataset (random CNN weights, 2 crops): WORKDIR.
+    """A real prepared and featurized synthetic dataset (random CNN, 2 crops of 80 px): WORKDIR.
 
     Built once per session through the CLI, the way a user builds one; tests must not modify it.
     """
     root = tmp_path_factory.mktemp("featurized")
     run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
     run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
-    run_cli("featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--batch-size", 16)
+    run_cli("featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80)
     return root / "work"
