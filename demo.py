@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in synthetic dataset, as a user would type it.
 
     make demo                      # = python demo.py
-    python demo.py --n 40 --weights none --epochs 2 --joint-minutes 0   # the tiny version CI runs
+    python demo.py --n 40 --weights none --crop-size 80 --epochs 2 --joint-minutes 0.05   # what the test runs
 
 Each step is a real `python cli.py ...` command run in a subprocess, printed before it runs and
 timed; at the end come the captions of held-out images beside a reference, the metrics and the
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500, help="synthetic images")
     p.add_argument("--weights", default="google2015")
     p.add_argument("--crops", type=int, default=5)
+    p.add_argument("--crop-size", type=int, default=299, help="smaller crops make a quick smoke test")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--joint-minutes", type=float, default=1.0, help="length of each joint session; 0 skips it")
     p.add_argument("--show", type=int, default=8, help="held-out images to caption in the table")
@@ -54,7 +55,8 @@ def main() -> None:
     started = time.monotonic()
     step("synthetic scenes", ["synth", str(synth), "--n", str(a.n), "--seed", "0"], t)
     step("prepare", ["prepare", str(synth), "--out", str(work), "--min-word-count", "2"], t)
-    step("featurize", ["featurize", str(work), "--weights", a.weights, "--crops", str(a.crops), "--resume"], t)
+    step("featurize", ["featurize", str(work), "--weights", a.weights, "--crops", str(a.crops), "--resume",
+                       "--crop-size", str(a.crop_size), "--resize", str(round(a.crop_size * 356 / 299))], t)
     step("train decoder", ["train", str(work), "--run", str(run), "--epochs", str(a.epochs)], t)
     if a.joint_minutes > 0:
         step("joint session 1", ["train", "--run", str(run), "--phase", "joint", "--epochs", "1",

@@ -132,8 +132,8 @@ def test_precision_choice(monkeypatch):
         resolve_precision("bf16")
 
 
-def test_encoder_from_is_not_available_yet(tmp_path):
-    with pytest.raises(UserError, match="not available yet"):
+def test_encoder_from_needs_a_joint_phase_run(tmp_path):
+    with pytest.raises(UserError, match="no joint-phase checkpoint"):
         featurize(make_dataset(tmp_path, 1), encoder_from=tmp_path, **SMALL)
 
 

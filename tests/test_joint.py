@@ -104,3 +104,20 @@ def test_joint_checkpoint_captions_with_its_own_encoder(decoder_run, featurized,
     image = sorted((featurized.parent / "synth" / "images").glob("*.png"))[0]
     out = run_cli("caption", image, "--checkpoint", run / "checkpoints" / "last.pt", "--format", "json", "--workers", 0)
     assert '"caption"' in out.stdout
+
+
+def test_featurize_encoder_from_recaches_with_the_fine_tuned_cnn(decoder_run, featurized, tmp_path):
+    import numpy as np
+
+    from store.features import FeatureStore, find_store
+
+    run = copy_run(decoder_run, tmp_path, "ft")
+    train_joint(None, run, resume=False, max_minutes=1e-9, options=JOINT, console=Console(file=io.StringIO()))
+    work = tmp_path / "work"
+    shutil.copytree(featurized, work)
+    run_cli("featurize", work, "--encoder-from", run, "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80)
+    with FeatureStore.open(find_store(work, "finetuned-ft")) as new, FeatureStore.open(find_store(work, "none")) as old:
+        assert new.attrs["weights"] == "finetuned-ft" and new.num_rows == old.num_rows
+        assert not np.array_equal(new.read(slice(None)), old.read(slice(None)))
+    out = run_cli("train", work, "--run", tmp_path / "again", "--weights", "finetuned-ft", "--epochs", 1, *TINY)
+    assert "done" in out.stderr
