@@ -156,6 +156,7 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 @click.option("--embed-size", type=int, default=None, help="Word and image embedding size [default: 256].")
 @click.option("--hidden-size", type=int, default=None, help="LSTM hidden size [default: 512].")
 @click.option("--num-layers", type=int, default=None, help="LSTM layers [default: 1].")
+@click.option("--image-as", type=click.Choice(["input", "state"]), default=None, help="Image as the LSTM's first input or its initial state [default: input].")
 @click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
 @click.option("--select-by", type=click.Choice(["loss", "cider"]), default=None, help="Validation score that picks best.pt [default: loss].")

@@ -31,6 +31,7 @@ class CaptionerConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.2
+    image_as: str = "input"  # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +51,17 @@ class Captioner(nn.Module):
         )
         self.out_dropout = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden_size, c.vocab_size)
+        if c.image_as == "state":  # the alternative, kept to measure it (see bench/quality.py)
+            self.to_state = nn.Linear(c.embed_size, 2 * c.num_layers * c.hidden_size)
+        elif c.image_as != "input":
+            raise ValueError(f"image_as must be 'input' or 'state', not {c.image_as!r}")
+
+    def _image_state(self, features: torch.Tensor) -> State:
+        """(h0, c0), each (L, B, H), computed from the projected image."""
+        c = self.config
+        hc = torch.tanh(self.to_state(self.project(features)))  # (B, 2*L*H)
+        h, cell = hc.view(-1, 2, c.num_layers, c.hidden_size).permute(1, 2, 0, 3).contiguous()  # (L, B, H) each
+        return h, cell
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """Next-word logits for teacher forcing.
@@ -57,13 +69,18 @@ class Captioner(nn.Module):
         features (B, D); captions (B, T) = <start> w1 .. wn <end> <pad>...
         Returns logits (B, T-1, V) whose position t predicts captions[:, t+1].
         """
-        image = self.project(features).unsqueeze(1)  # (B, 1, E)
         words = self.embed_dropout(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        if self.config.image_as == "state":
+            hidden, _ = self.lstm(words, self._image_state(features))  # (B, T-1, H)
+            return self.head(self.out_dropout(hidden))  # (B, T-1, V)
+        image = self.project(features).unsqueeze(1)  # (B, 1, E)
         hidden, _ = self.lstm(torch.cat([image, words], dim=1))  # (B, T, H)
         return self.head(self.out_dropout(hidden[:, 1:]))  # (B, T-1, V): skip the image step
 
     def init_state(self, features: torch.Tensor) -> State:
         """The LSTM state after reading the image; features (B, D)."""
+        if self.config.image_as == "state":
+            return self._image_state(features)
         _, state = self.lstm(self.project(features).unsqueeze(1))
         return state
 

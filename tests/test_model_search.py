@@ -11,9 +11,10 @@ from decoder.search import beam_search, greedy
 START, END = 1, 2
 
 
-def tiny_model(vocab_size=10, seed=0) -> Captioner:
+def tiny_model(vocab_size=10, seed=0, image_as="input", num_layers=1) -> Captioner:
     torch.manual_seed(seed)
-    return Captioner(CaptionerConfig(vocab_size=vocab_size, feature_dim=16, embed_size=8, hidden_size=8)).eval()
+    config = CaptionerConfig(vocab_size=vocab_size, feature_dim=16, embed_size=8, hidden_size=8, image_as=image_as, num_layers=num_layers)
+    return Captioner(config).eval()
 
 
 def test_forward_predicts_every_word_after_start():
@@ -33,9 +34,10 @@ def test_loss_ignores_padding():
     assert not torch.equal(caption_loss(logits, captions), caption_loss(changed, captions))
 
 
-def test_step_matches_teacher_forcing():
+@pytest.mark.parametrize("image_as,num_layers", [("input", 1), ("state", 1), ("state", 2), ("input", 2)])
+def test_step_matches_teacher_forcing(image_as, num_layers):
     """Decoding one word at a time gives the same distribution as the batched forward pass."""
-    model = tiny_model()
+    model = tiny_model(image_as=image_as, num_layers=num_layers)
     features, captions = torch.randn(1, 16), torch.tensor([[START, 4, 5, END]])
     batched = torch.log_softmax(model(features, captions), -1)  # (1, 3, V)
     state = model.init_state(features)
