@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decoder.distributed import SINGLE, Dist, shard
 from decoder.vocab import Vocabulary
 from store.features import FeatureStore
 from store.manifest import Record
@@ -123,11 +124,14 @@ def feature_source(store: FeatureStore, stream: bool) -> InMemoryFeatures | Stre
 
 
 def train_batches(
-    pairs: Pairs, source, order: np.ndarray, crops: np.ndarray, batch_size: int, start_batch: int = 0
+    pairs: Pairs, source, order: np.ndarray, crops: np.ndarray, batch_size: int, start_batch: int = 0, ctx: Dist = SINGLE
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features (B, D), captions (B, T)) for the batches of one epoch from `start_batch` on."""
+    """(features (B, D), captions (B, T)) for the batches of one epoch from `start_batch` on.
+
+    Under torchrun, this rank's share of each global batch of `batch_size`.
+    """
     for b in range(start_batch, num_batches(len(pairs), batch_size)):
-        idx = order[b * batch_size : (b + 1) * batch_size]
+        idx = shard(order[b * batch_size : (b + 1) * batch_size], ctx)
         yield source.get(pairs.rows[idx], crops[idx]), pad_captions([pairs.captions[i] for i in idx])
 
 

@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from decoder.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from decoder.model import caption_loss
 from decoder.stopping import StopRequest
 from store.checkpoints import save_checkpoint
@@ -69,6 +70,8 @@ class Fit:
     checkpoint_fields: Callable[[], dict]  # model weights, config, vocab... merged into each checkpoint
     select_score: Callable[[float], float] | None = None  # validation score from val loss; lower is better
     checkpoint_minutes: float | None = None  # also checkpoint mid-epoch on this timer
+    dist: Dist = SINGLE  # this process's place under torchrun
+    train_net: torch.nn.Module | None = None  # `net` wrapped in DistributedDataParallel, when distributed
     pending_rows: list[dict] = field(default_factory=list)
 
 
@@ -81,28 +84,30 @@ class Outcome:
 
 
 def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome:
+    main = fit.dist.is_main
     log = RunLog(fit.run_dir)
+    train_net = fit.train_net or fit.net
     last_checkpoint = time.monotonic()
     val_loss = None
-    with _progress(console) as progress:
+    with _progress(console, disable=not main) as progress:
         task = progress.add_task(fit.phase, total=fit.data.num_batches, loss=float("nan"))
         while pos.epoch < fit.epochs:
             progress.update(task, completed=pos.batch, description=f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}")
             fit.net.train()
             started = time.monotonic()
             for inputs, captions in fit.data.train_batches(pos.epoch, pos.batch):
-                loss = caption_loss(fit.net(inputs, captions), captions)
+                loss, logged = _loss(train_net, inputs, captions, fit.dist)
                 fit.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(fit.net.parameters(), fit.grad_clip)
                 fit.optimizer.step()
                 pos.batch += 1
                 pos.step += 1
-                pos.loss_sum += loss.item()
-                fit.pending_rows.append({"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, "loss": f"{loss.item():.5f}"})
-                progress.update(task, advance=1, loss=loss.item())
-                reason = stop.reason()
-                timer_due = fit.checkpoint_minutes and time.monotonic() - last_checkpoint >= fit.checkpoint_minutes * 60
+                pos.loss_sum += logged
+                fit.pending_rows.append({"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, "loss": f"{logged:.5f}"})
+                progress.update(task, advance=1, loss=logged)
+                timer_due = bool(fit.checkpoint_minutes) and time.monotonic() - last_checkpoint >= fit.checkpoint_minutes * 60
+                reason, timer_due = _agree(stop, timer_due, fit.dist)
                 if reason or timer_due:
                     pos.seconds += time.monotonic() - started
                     started = time.monotonic()
@@ -116,23 +121,54 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
             score = fit.select_score(val_loss) if fit.select_score else val_loss
             improved = score < pos.best
             pos.best = min(pos.best, score)
-            log.log_epoch({
-                "phase": fit.phase, "epoch": pos.epoch + 1, "train_loss": f"{train_loss:.5f}",
-                "val_loss": f"{val_loss:.5f}", "val_cider": "" if not fit.select_score else f"{-score:.4f}",
-                "seconds": f"{pos.seconds:.2f}", "step": pos.step,
-            })
-            console.print(
-                f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}: train loss {train_loss:.4f}, "
-                f"val loss {val_loss:.4f}{'' if not fit.select_score else f', val CIDEr {-score:.3f}'}, "
-                f"{pos.seconds:.1f}s{'  (best)' if improved else ''}"
-            )
+            if main:
+                log.log_epoch({
+                    "phase": fit.phase, "epoch": pos.epoch + 1, "train_loss": f"{train_loss:.5f}",
+                    "val_loss": f"{val_loss:.5f}", "val_cider": "" if not fit.select_score else f"{-score:.4f}",
+                    "seconds": f"{pos.seconds:.2f}", "step": pos.step,
+                })
+                console.print(
+                    f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}: train loss {train_loss:.4f}, "
+                    f"val loss {val_loss:.4f}{'' if not fit.select_score else f', val CIDEr {-score:.3f}'}, "
+                    f"{pos.seconds:.1f}s{'  (best)' if improved else ''}"
+                )
             pos.epoch, pos.batch, pos.loss_sum, pos.seconds = pos.epoch + 1, 0, 0.0, 0.0
             _checkpoint(fit, pos, log, best=improved)
             last_checkpoint = time.monotonic()
-            plot_run(fit.run_dir)
-            if reason := stop.reason():
+            if main:
+                plot_run(fit.run_dir)
+            reason, _ = _agree(stop, False, fit.dist)
+            if reason:
                 return Outcome(reason, pos, val_loss)
     return Outcome("finished", pos, val_loss)
+
+
+def _loss(net: torch.nn.Module, inputs: torch.Tensor, captions: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, float]:
+    """(loss to backpropagate, mean loss of the global batch for the logs).
+
+    Distributed, each rank holds a shard of the global batch. Its mean loss is rescaled by its
+    share of the global batch's words, so that DistributedDataParallel's gradient average equals
+    the gradient of the global batch's mean loss: the same step a single process would take.
+    """
+    loss = caption_loss(net(inputs, captions), captions)
+    if not ctx.active:
+        return loss, loss.item()
+    words = float((captions[:, 1:] != 0).sum())
+    total_words = sum_scalar(ctx, words)
+    weighted = loss * (words * ctx.world_size / total_words)
+    return weighted, sum_scalar(ctx, loss.item() * words) / total_words
+
+
+def _agree(stop: StopRequest, timer_due: bool, ctx: Dist) -> tuple[str | None, bool]:
+    """(why to stop, whether to checkpoint), the same on every rank: a signal or time limit seen by
+    one rank stops them all at the same batch."""
+    reason = stop.reason()
+    if not ctx.active:
+        return reason, timer_due
+    code = max_scalar(ctx, (2 if reason else 0) | int(timer_due))
+    if code & 2 and not reason:
+        reason = "stopped by another rank"
+    return reason, bool(code & 1)
 
 
 @torch.no_grad()
@@ -148,7 +184,14 @@ def evaluate_loss(net: torch.nn.Module, batches: Iterator[Batch]) -> float:
 
 
 def _checkpoint(fit: Fit, pos: Position, log: RunLog, best: bool = False) -> None:
-    """Flush the batch log, then write last.pt (and best.pt): the log never runs behind a checkpoint."""
+    """Flush the batch log, then write last.pt (and best.pt): the log never runs behind a checkpoint.
+
+    Distributed, every rank's RNG state is gathered (dropout differs per rank) and rank 0 writes.
+    """
+    rng_by_rank = all_gather_object(fit.dist, torch.get_rng_state())
+    if not fit.dist.is_main:
+        fit.pending_rows.clear()
+        return
     log.log_batches(fit.pending_rows)
     fit.pending_rows.clear()
     state = {
@@ -162,11 +205,28 @@ def _checkpoint(fit: Fit, pos: Position, log: RunLog, best: bool = False) -> Non
         "epoch_seconds": pos.seconds,
         "best_score": pos.best,
         "rng": torch.get_rng_state(),
+        "rng_by_rank": rng_by_rank,
+        "world_size": fit.dist.world_size,
     }
     ckpt_dir = fit.run_dir / "checkpoints"
     save_checkpoint(state, ckpt_dir / "last.pt", keep_previous=True)
     if best:
         save_checkpoint(state, ckpt_dir / "best.pt")
+
+
+def restore_rng(state: dict, ctx: Dist, console: Console) -> None:
+    """This rank's RNG state from the checkpoint; a changed world size is said, not refused."""
+    saved = state.get("world_size", 1)
+    if saved == ctx.world_size:
+        torch.set_rng_state(state.get("rng_by_rank", [state["rng"]])[ctx.rank])
+        return
+    torch.set_rng_state(state["rng"])
+    if ctx.is_main:
+        console.print(
+            f"[yellow]note[/]: checkpoint written by {saved} process(es), resuming with {ctx.world_size}: global batches "
+            "and data order are the same, but dropout draws differ, so the run continues without being bit-identical "
+            "to an uninterrupted one"
+        )
 
 
 def position_from(state: dict) -> Position:
@@ -177,11 +237,11 @@ def position_from(state: dict) -> Position:
     )
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), _SpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        console=console, transient=True, disable=disable,
     )
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
-from decoder.loop import Fit, Outcome, Position, position_from, run
+from decoder.distributed import SINGLE, Dist, barrier, broadcast_object, init_distributed
+from decoder.loop import Fit, Outcome, Position, position_from, restore_rng, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.vocab import Vocabulary
@@ -53,14 +55,14 @@ STORE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "resize",
 class FeatureData:
     """The decoder phase's PhaseData: batches of cached features."""
 
-    def __init__(self, store: FeatureStore, train: D.Pairs, val: D.Pairs, cfg: TrainConfig):
-        self.store, self.train, self.val, self.cfg = store, train, val, cfg
+    def __init__(self, store: FeatureStore, train: D.Pairs, val: D.Pairs, cfg: TrainConfig, ctx: Dist = SINGLE):
+        self.store, self.train, self.val, self.cfg, self.ctx = store, train, val, cfg, ctx
         self.source = D.feature_source(store, cfg.stream)
         self.num_batches = D.num_batches(len(train), cfg.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int):
         order, crops = D.epoch_order(self.train, epoch, self.cfg.seed, self.store.num_crops, self.store.chunk_rows)
-        return D.train_batches(self.train, self.source, order, crops, self.cfg.batch_size, start_batch)
+        return D.train_batches(self.train, self.source, order, crops, self.cfg.batch_size, start_batch, self.ctx)
 
     def val_batches(self):
         return D.eval_batches(self.val, self.source)
@@ -124,8 +126,13 @@ def train_decoder(
     workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
     options: dict, console: Console, weights: str | None = None,
 ) -> Outcome:
-    """Train (or resume) the decoder phase; `options` holds the explicitly given CLI options."""
-    run_dir = resolve_run(run_dir, resume)
+    """Train (or resume) the decoder phase; `options` holds the explicitly given CLI options.
+
+    Under torchrun each rank trains on its share of every global batch (see decoder/distributed.py).
+    """
+    ctx = init_distributed()
+    console = console if ctx.is_main else Console(quiet=True)
+    run_dir = broadcast_object(ctx, resolve_run(run_dir, resume) if ctx.is_main else None)
     state = None
     if resume:
         state, path = load_resumable(run_dir / "checkpoints")
@@ -138,7 +145,7 @@ def train_decoder(
         vocab = Vocabulary(state["vocab"])
         console.print(f"resuming {run_dir} from {path.name}: epoch {state['epoch'] + 1}, batch {state.get('batch_in_epoch', 0)}, step {state['step']}")
     else:
-        if (run_dir / "checkpoints").exists():
+        if (run_dir / "checkpoints").exists() and ctx.is_main:
             raise UserError(f"{run_dir} already has checkpoints: add --resume, or choose a new --run")
         workdir = Path(workdir or "data/work")
         store_path = find_store(workdir, weights)
@@ -169,12 +176,16 @@ def train_decoder(
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
+            restore_rng(state, ctx, console)
             pos = position_from(state)
-            RunLog(run_dir).truncate_after("decoder", pos.step)
+            if ctx.is_main:
+                RunLog(run_dir).truncate_after("decoder", pos.step)
         else:
             pos = Position()
-            write_config(run_dir, {**config, "phase": "decoder"})
+            if ctx.active:  # the same initial weights on every rank, but each its own dropout draws
+                torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank)
+            if ctx.is_main:
+                write_config(run_dir, {**config, "phase": "decoder"})
             console.print(
                 f"run {run_dir}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
@@ -183,10 +194,11 @@ def train_decoder(
         select = val_cider_score(model, vocab, store, records, usable) if cfg.select_by == "cider" else None
         fit = Fit(
             phase="decoder", run_dir=run_dir, net=model, optimizer=optimizer,
-            data=FeatureData(store, train_pairs, val_pairs, cfg), epochs=cfg.epochs, grad_clip=cfg.grad_clip,
+            data=FeatureData(store, train_pairs, val_pairs, cfg, ctx), epochs=cfg.epochs, grad_clip=cfg.grad_clip,
             checkpoint_fields=lambda: {"model": model.state_dict(), "config": config, "vocab": vocab.itos, "store": identity},
-            select_score=select,
+            select_score=select, dist=ctx, train_net=DistributedDataParallel(model) if ctx.active else None,
         )
+        barrier(ctx)
         with StopRequest(max_minutes) as stop:
             outcome = run(fit, pos, stop, console)
     outcome.run_dir = run_dir
