@@ -13,6 +13,7 @@ one-line message with a non-zero exit. No logic lives here.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -145,7 +146,7 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 
 @main.command()
 @click.argument("workdir", type=click.Path(path_type=Path), required=False)
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="Run directory [default: new runs/<timestamp>; with --resume, the latest run].")
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None, help="Run directory (--run-dir under torchrun, whose own --run-path swallows --run) [default: new runs/<timestamp>; with --resume, the latest run].")
 @click.option("--phase", type=click.Choice(["decoder", "joint"]), default="decoder", help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images.")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
@@ -182,6 +183,8 @@ def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
         train_phase = train_decoder
     outcome = train_phase(workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights)
     pos = outcome.position
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
     if outcome.status == "finished":
         console.print(f"[green]done[/]: {outcome.run_dir} after {pos.epoch} epochs ({pos.step} steps)")
     else:

@@ -131,6 +131,32 @@ def epochs_summary(run_dir: Path) -> dict:
     return out
 
 
+def reuse_store(workdir: Path, out: Path, weights: str, crops: int) -> None:
+    """Hard-link a finished store of another workdir under OUT whose manifest is byte-identical.
+
+    The manifest does not depend on --min-word-count (only vocab.json does), so workdirs prepared
+    from the same data with another vocabulary share one set of features; `featurize --resume`
+    then checks the linked store's attributes and finds nothing left to do.
+    """
+    from store.features import existing_attrs, store_path
+    from store.manifest import manifest_sha256
+
+    target = store_path(workdir, weights)
+    if target.exists() or existing_attrs(target):
+        return
+    sha = manifest_sha256(workdir)
+    for other in sorted(out.glob("*/features/" + target.name)):
+        attrs = existing_attrs(other) or {}
+        if other.parent.parent != workdir and attrs.get("manifest_sha256") == sha and int(attrs.get("num_crops", -1)) == crops:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.hardlink_to(other)
+            except OSError:
+                shutil.copy2(other, target)
+            print(f"reusing {other} (same manifest) as {target}", flush=True)
+            return
+
+
 def write_tables(out: Path, rows: list[dict]) -> str:
     head = "| configuration | " + " | ".join(METRICS) + " | train s | eval s |"
     lines = [head, "|" + "---|" * (len(METRICS) + 3)]
@@ -181,6 +207,7 @@ def main() -> None:
         if val is not None:
             prep += [opt, str(val)]
     steps[f"prepare {workdir.name}"] = cli(*prep, log=log)
+    reuse_store(workdir, out, a.weights, a.crops)
     steps[f"featurize {workdir.name} ({a.weights}, K={a.crops}, --resume)"] = cli(
         "featurize", str(workdir), "--weights", a.weights, "--crops", str(a.crops), "--resume", log=log)
 

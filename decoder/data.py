@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoder.distributed import SINGLE, Dist, shard
 from decoder.vocab import Vocabulary
+from featurize.distributed import SINGLE, Dist, shard
 from store.features import FeatureStore
 from store.manifest import Record
 

@@ -23,16 +23,18 @@ import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from decoder import data as D
 from decoder.inference import build_encoder
-from decoder.loop import Fit, Outcome, Position, position_from, run
+from decoder.loop import Fit, Outcome, Position, position_from, restore_rng, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.train import check_options_unchanged, check_store_matches, resolve_run, store_identity
 from decoder.vocab import Vocabulary
 from featurize.crops import CropPolicy, to_float
+from featurize.distributed import Dist, barrier, broadcast_object, init_distributed, shard
 from featurize.images import open_image
 from store.checkpoints import load_checkpoint, load_resumable
 from store.errors import UserError
@@ -112,14 +114,14 @@ class _TrainImages(Dataset):
 class _EpochBatches(Sampler):
     """The batches of one epoch from `start` on; the order is a function of (seed, epoch)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int, ctx: Dist):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(n, generator=g).tolist()
-        self.batch_size, self.epoch, self.start = batch_size, epoch, start
+        self.batch_size, self.epoch, self.start, self.ctx = batch_size, epoch, start, ctx
 
     def __iter__(self):
         for b in range(self.start, D.num_batches(len(self.order), self.batch_size)):
-            yield [(self.epoch, i) for i in self.order[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield [(self.epoch, i) for i in shard(self.order[b * self.batch_size : (b + 1) * self.batch_size], self.ctx)]
 
     def __len__(self) -> int:
         return D.num_batches(len(self.order), self.batch_size) - self.start
@@ -132,13 +134,13 @@ def _collate(items):
 class ImageData:
     """The joint phase's PhaseData: decoded, randomly cropped images from DataLoader workers."""
 
-    def __init__(self, net: JointNet, records, train: D.Pairs, val: D.Pairs, policy: CropPolicy, cfg: JointConfig, device):
-        self.net, self.records, self.val, self.policy, self.cfg, self.device = net, records, val, policy, cfg, device
+    def __init__(self, net: JointNet, records, train: D.Pairs, val: D.Pairs, policy: CropPolicy, cfg: JointConfig, device, ctx: Dist):
+        self.net, self.records, self.val, self.policy, self.cfg, self.device, self.ctx = net, records, val, policy, cfg, device, ctx
         self.dataset = _TrainImages(records, train, policy, cfg.seed)
         self.num_batches = D.num_batches(len(train), cfg.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int):
-        sampler = _EpochBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+        sampler = _EpochBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, start_batch, self.ctx)
         # its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
         # drives dropout, and one more draw per resumed session would change the run
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=_collate,
@@ -169,8 +171,9 @@ class _RowFeatures:
         return torch.stack([self.features[int(r)].cpu() for r in rows])
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(ctx: Dist) -> torch.device:
+    """CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -192,7 +195,9 @@ def train_joint(
     workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
     options: dict, console: Console, weights: str | None = None,
 ) -> Outcome:
-    run_dir = resolve_run(run_dir, resume) if (resume or run_dir is not None) else resolve_run(None, True)
+    ctx = init_distributed()
+    console = console if ctx.is_main else Console(quiet=True)
+    run_dir = broadcast_object(ctx, resolve_run(run_dir, resume or run_dir is None) if ctx.is_main else None)
     ckpt_dir = run_dir / "checkpoints"
     if resume:
         state, path = load_resumable(ckpt_dir)
@@ -213,7 +218,7 @@ def train_joint(
                              "lr": saved_train["lr"], **joint_opts, "init": str(init)})
         console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']})")
 
-    device = pick_device()
+    device = pick_device(ctx)
     records = read_manifest(Path(cfg.workdir))
     with FeatureStore.open(Path(cfg.store)) as store:
         check_store_matches(store, state["store"], "the checkpoint")
@@ -236,24 +241,30 @@ def train_joint(
     config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
     if resume:
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        restore_rng(state, ctx, console)
         pos = position_from(state)
-        RunLog(run_dir).truncate_after("joint", pos.step)
+        if ctx.is_main:
+            RunLog(run_dir).truncate_after("joint", pos.step)
     else:
         # the joint phase continues the run's step count and must beat the decoder phase's best
         # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)
         by_loss = state["config"]["train"].get("select_by", "loss") == "loss"
         pos = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
-        write_config(run_dir, {**config, "phase": "joint"})
+        if ctx.active:  # each rank its own dropout draws
+            torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank)
+        if ctx.is_main:
+            write_config(run_dir, {**config, "phase": "joint"})
     policy = CropPolicy(resize=int(identity["resize"]), crop=int(identity["crop_size"]),
                         num_crops=int(identity["num_crops"]), seed=int(identity["seed"]))
     fit = Fit(
         phase="joint", run_dir=run_dir, net=net, optimizer=optimizer,
-        data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device), epochs=cfg.epochs,
+        data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device, ctx), epochs=cfg.epochs, dist=ctx,
+        train_net=DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active else None,
         grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
         checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
                                    "config": config, "vocab": vocab.itos, "store": identity},
     )
+    barrier(ctx)
     with StopRequest(max_minutes) as stop:
         outcome = run(fit, pos, stop, console)
     outcome.run_dir = run_dir

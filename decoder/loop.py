@@ -27,9 +27,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from decoder.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from decoder.model import caption_loss
 from decoder.stopping import StopRequest
+from featurize.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from store.checkpoints import save_checkpoint
 from store.runlog import RunLog, plot_run
 

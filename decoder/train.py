@@ -19,11 +19,11 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
-from decoder.distributed import SINGLE, Dist, barrier, broadcast_object, init_distributed
 from decoder.loop import Fit, Outcome, Position, position_from, restore_rng, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.vocab import Vocabulary
+from featurize.distributed import SINGLE, Dist, barrier, broadcast_object, init_distributed
 from store.checkpoints import load_resumable
 from store.errors import UserError
 from store.features import FeatureStore, find_store

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.inception import BasicConv2d
 
 from featurize.crops import CropPolicy, to_float
+from featurize.distributed import Dist, barrier, broadcast_object, init_distributed
 from featurize.encoder import ENCODER, FEATURE_DIM, build_inception, encoder_info, export_finetuned
 from featurize.images import ImageError, open_image
 from store.errors import UserError
@@ -82,8 +83,11 @@ def featurize(
         "batch_size": batch_size,  # provenance: the batches that produced these exact bits
     }
     files = [workdir / r.path for r in records]  # manifest paths are absolute or relative to WORKDIR
-    with StoreWriter(path, attrs, [r.path for r in records], resume=resume, overwrite=overwrite) as writer:
-        chunks = writer.todo()
+    ctx = init_distributed()
+    with _open_writer(ctx, path, attrs, [r.path for r in records], resume, overwrite) as writer:
+        chunks = writer.todo()  # every rank lists the same chunks before any rank writes one
+        barrier(ctx)
+        chunks = chunks[ctx.rank :: ctx.world_size]
         if chunks:
             loader = DataLoader(
                 _Resized(files, policy), batch_sampler=[c.rows.tolist() for c in chunks],
@@ -92,15 +96,33 @@ def featurize(
             batches = iter(loader)  # start the workers before the model's threads exist
             net = prepare_for_inference(build_inception(weights))
             try:
-                _run(net, chunks, batches, writer, policy, attrs, console)
+                _run(net, chunks, batches, writer, policy, attrs, console if ctx.is_main else None)
             except KeyboardInterrupt:
                 raise UserError(f"interrupted; finished chunks are kept: `featurize {workdir} --resume` continues") from None
-        else:
+        elif ctx.is_main:
             _say(console, f"{path}: every image is already done")
-        path = writer.finish()
+        barrier(ctx)  # every rank's shards are on disk
+        if ctx.is_main:
+            path = writer.finish()
+    barrier(ctx)
+    if not ctx.is_main:
+        return path
     with FeatureStore.open(path) as store:
         _report_failures(console, store.failed, store.paths)
     return path
+
+
+def _open_writer(ctx: Dist, path: Path, attrs: dict, paths: list[str], resume: bool, overwrite: bool) -> StoreWriter:
+    """Rank 0 locks and checks the store; if it refuses, every rank stops with the same message."""
+    writer, error = None, None
+    if ctx.is_main:
+        try:
+            writer = StoreWriter(path, attrs, paths, resume=resume, overwrite=overwrite)
+        except UserError as e:
+            error = str(e)
+    if error := broadcast_object(ctx, error):
+        raise UserError(error)
+    return writer or StoreWriter(path, attrs, paths, resume=resume, overwrite=overwrite, follower=True)
 
 
 def _store_attrs(policy: CropPolicy, precision: str, chunk_rows: int) -> dict:

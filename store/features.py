@@ -153,10 +153,12 @@ class StoreWriter:
     """Builds or completes one store: a shard per finished chunk, one atomic HDF5 at the end.
 
     `attrs` must hold every IDENTITY_KEYS entry except schema_version; `paths` are the
-    manifest's image paths in order. Holds the store's lock until `close()`.
+    manifest's image paths in order. Holds the store's lock until `close()`. Under torchrun, rank
+    0's writer holds the lock and checks the store; the other ranks' (`follower=True`) only write
+    the shards of their own chunks, and rank 0 assembles them all.
     """
 
-    def __init__(self, path: Path, attrs: dict, paths: list[str], *, resume: bool, overwrite: bool) -> None:
+    def __init__(self, path: Path, attrs: dict, paths: list[str], *, resume: bool, overwrite: bool, follower: bool = False) -> None:
         self.path = Path(path)
         self.attrs = {"schema_version": SCHEMA_VERSION, **attrs}
         self.paths = list(paths)
@@ -164,6 +166,9 @@ class StoreWriter:
         self.chunk_rows = int(self.attrs["chunk_rows"])
         self.parts = _parts_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = None
+        if follower:  # another rank under torchrun: rank 0 holds the lock and has checked the store
+            return
         self._lock = _acquire_lock(self.path)
         try:
             self._prepare(resume=resume, overwrite=overwrite)

@@ -1,6 +1,6 @@
 """Running under torchrun: process-group setup and the few collective operations the loops need.
 
-    torchrun --nproc-per-node 2 cli.py train data/work       # gloo on CPU, nccl on CUDA
+    torchrun --nproc-per-node 2 cli.py train data/work --run-dir runs/ddp   # gloo on CPU, nccl on CUDA
     torchrun --nproc-per-node 2 cli.py featurize data/work
 
 Without torchrun (no WORLD_SIZE in the environment, or 1) every helper here is a no-op, so the
