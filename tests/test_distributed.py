@@ -1,0 +1,66 @@
+"""torchrun with 2 CPU processes over loopback (gloo): featurize and decoder training."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from store.features import FeatureStore, find_store
+from tests.helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8", "--dropout", "0"]
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(ROOT / "cli.py"), *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_distributed_featurize_equals_single_process(featurized, tmp_path):
+    """Bit-identical to one process running with the same threads per process (torchrun gives each
+    rank one OpenMP thread; oneDNN's sums may round differently with another thread count)."""
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    for work in (single, dist):
+        work.mkdir()
+        for name in ("manifest.jsonl", "vocab.json"):
+            (work / name).write_bytes((featurized / name).read_bytes())
+    args = ["--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80, "--chunk-rows", 4]
+    run_cli("featurize", single, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun("featurize", dist, *args)
+    with FeatureStore.open(find_store(single)) as a, FeatureStore.open(find_store(dist)) as b:
+        assert b.attrs["manifest_sha256"] == a.attrs["manifest_sha256"]
+        assert np.array_equal(b.done, a.done) and b.done.all()
+        assert np.array_equal(b.read(slice(None)), a.read(slice(None)))
+        assert np.array_equal(b.boxes, a.boxes)
+    assert not list((dist / "features").glob("*.parts"))
+
+
+def test_distributed_training_follows_the_single_process_trajectory(featurized, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_cli("train", featurized, "--run", single, "--epochs", 2, *TINY)
+    out = torchrun("train", featurized, "--run-dir", ddp, "--epochs", 2, *TINY)
+    assert out.stderr.count("done:") == 1  # rank 0 speaks for all
+
+    def losses(run):
+        with open(run / "metrics" / "batches.csv") as f:
+            return np.array([float(r["loss"]) for r in csv.DictReader(f)])
+
+    a, b = losses(single), losses(ddp)
+    # Same global batches, word-weighted loss: the same steps up to float summation order.
+    assert len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-3)
+    pa = torch.load(single / "checkpoints" / "last.pt", weights_only=True)["model"]
+    pb = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    assert pb["world_size"] == 2 and len(pb["rng_by_rank"]) == 2
+    assert all(torch.allclose(pa[k], pb["model"][k], atol=1e-4) for k in pa)
+
+    # resuming with another world size works, and says what that means
+    resumed = run_cli("train", "--run", ddp, "--resume", "--epochs", 3)
+    assert "written by 2 process(es), resuming with 1" in resumed.stderr
