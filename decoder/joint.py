@@ -36,6 +36,7 @@ from decoder.vocab import Vocabulary
 from featurize.crops import CropPolicy, to_float
 from featurize.distributed import Dist, barrier, broadcast_object, init_distributed, shard
 from featurize.images import open_image
+from featurize.pipeline import bf16_is_fast
 from store.checkpoints import load_checkpoint, load_resumable
 from store.errors import UserError
 from store.features import FeatureStore
@@ -177,18 +178,15 @@ def pick_device(ctx: Dist) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast when asked for, or with `auto` where the hardware runs bf16 natively."""
+    """bf16 autocast when asked for, or with `auto` where the hardware runs it faster than fp32
+    (CUDA with bf16; CPUs with AMX, see featurize.pipeline.bf16_is_fast)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
+    return torch.bfloat16 if bf16_is_fast() else None
 
 
 def train_joint(
