@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint-minutes", type=float, default=None, help="joint session length; 0 skips it (default: 8; --quick: 1)")
     p.add_argument("--joint-batch-size", type=int, default=16, help="joint --batch-size (default: 16)")
     p.add_argument("--joint-decode", default=None, metavar="SPEC", help="decoding setting of the joint row (default: the first --decode)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every step (OMP_NUM_THREADS); 1 is steadier on a machine others are using")
     p.add_argument("--keep-run", action="store_true", help="reuse OUT/runs/NAME if it has a decoder best.pt instead of retraining")
     return p
 
@@ -180,6 +183,11 @@ def write_tables(out: Path, rows: list[dict]) -> str:
 
 def main() -> None:
     a = get_args_parser().parse_args()
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the cli.py steps
+        import torch
+
+        torch.set_num_threads(a.threads)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "quality.log"
