@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from decoder import data as D
 from decoder.inference import build_encoder
-from decoder.loop import Fit, Outcome, Position, position_from, restore_rng, run
+from decoder.loop import Fit, Outcome, Position, resume_from, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.train import check_options_unchanged, check_store_matches, resolve_run, store_identity
@@ -41,7 +41,7 @@ from store.checkpoints import load_checkpoint, load_resumable
 from store.errors import UserError
 from store.features import FeatureStore
 from store.manifest import Record, read_manifest
-from store.runlog import RunLog, write_config
+from store.runlog import write_config
 
 
 @dataclass(frozen=True)
@@ -238,11 +238,7 @@ def train_joint(
     ])
     config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state, ctx, console)
-        pos = position_from(state)
-        if ctx.is_main:
-            RunLog(run_dir).truncate_after("joint", pos.step)
+        pos = resume_from(state, optimizer, run_dir, ctx, console)
     else:
         # the joint phase continues the run's step count and must beat the decoder phase's best
         # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)

@@ -229,6 +229,16 @@ def restore_rng(state: dict, ctx: Dist, console: Console) -> None:
         )
 
 
+def resume_from(state: dict, optimizer: torch.optim.Optimizer, run_dir: Path, ctx: Dist, console: Console) -> Position:
+    """Optimizer, RNG and position from a checkpoint; the logs are cut back to its step."""
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state, ctx, console)
+    pos = position_from(state)
+    if ctx.is_main:
+        RunLog(run_dir).truncate_after(state["phase"], pos.step)
+    return pos
+
+
 def position_from(state: dict) -> Position:
     return Position(
         epoch=state["epoch"], batch=state.get("batch_in_epoch", 0), step=state["step"],

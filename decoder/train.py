@@ -19,7 +19,7 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
-from decoder.loop import Fit, Outcome, Position, position_from, restore_rng, run
+from decoder.loop import Fit, Outcome, Position, resume_from, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.vocab import Vocabulary
@@ -28,7 +28,7 @@ from store.checkpoints import load_resumable
 from store.errors import UserError
 from store.features import FeatureStore, find_store
 from store.manifest import VOCAB_NAME, manifest_sha256, read_manifest
-from store.runlog import RunLog, latest_run, new_run_dir, write_config
+from store.runlog import latest_run, new_run_dir, write_config
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,7 @@ def train_decoder(
         config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
         if state is not None:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            restore_rng(state, ctx, console)
-            pos = position_from(state)
-            if ctx.is_main:
-                RunLog(run_dir).truncate_after("decoder", pos.step)
+            pos = resume_from(state, optimizer, run_dir, ctx, console)
         else:
             pos = Position()
             if ctx.active:  # the same initial weights on every rank, but each its own dropout draws

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from store.errors import UserError
-from store.manifest import remove_stale_temporaries
+from store.manifest import fsync_dir, remove_stale_temporaries
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase", "config", "vocab", "rng")
@@ -22,13 +22,18 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase
 
 def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> None:
     """Write `state` to `path` atomically; with keep_previous the old file becomes previous.pt."""
+    save_state_dict({"format_version": FORMAT_VERSION, **state}, path, keep_previous)
+
+
+def save_state_dict(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """torch.save through a temporary file, fsync and rename; a full disk is a one-line UserError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)  # left by a process killed while writing
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
@@ -43,26 +48,7 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> Non
     if keep_previous and path.exists():
         os.replace(path, path.with_name("previous.pt"))
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def save_state_dict(state: dict, path: Path) -> None:
-    """A bare state dict (no checkpoint fields), written atomically like a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict:

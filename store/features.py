@@ -50,7 +50,7 @@ import h5py
 import numpy as np
 
 from store.errors import UserError
-from store.manifest import atomic_write_bytes
+from store.manifest import atomic_write_bytes, fsync_dir
 
 SCHEMA_VERSION = 1
 FEATURES_DIR = "features"
@@ -243,7 +243,7 @@ class StoreWriter:
                 old.close()
         _fsync_file(tmp)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.path
 
@@ -372,11 +372,3 @@ def _plain(value: object) -> object:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -50,6 +50,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (the directory entry itself is data)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Delete `path`'s temporary files or folders (`NAME.tmp<pid>`) left by processes that no
     longer run, as after a kill -9 or a power cut mid-write; a live writer's are left alone."""
