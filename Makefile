@@ -9,7 +9,7 @@ SYNTH  ?= data/synth
 DIR    ?= data/synth/images
 ARGS   ?=
 
-.PHONY: install features train caption demo test bench quality lint clean
+.PHONY: install features train caption demo test bench quality clean
 
 install: $(STAMP)
 
@@ -44,10 +44,17 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check .
 
+# After `make features` and `make train`: speed of featurize, of a decoder epoch, of captioning.
 bench: $(STAMP)
 	$(PY) bench/featurize.py
-	$(PY) bench/decoder_epoch.py
-	$(PY) bench/caption.py
+	$(PY) bench/decoder_epoch.py $(WORK)
+	$(PY) bench/caption.py $(DIR)
+	$(PY) bench/featurize_ddp.py
+
+# Caption quality on real photos: make quality DATA=../shared/flickr8k-dev
+quality: $(STAMP)
+	test -n "$(DATA)" || (echo "usage: make quality DATA=path/to/dataset" && exit 2)
+	$(PY) bench/quality.py $(DATA) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
