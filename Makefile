@@ -9,7 +9,7 @@ SYNTH  ?= data/synth
 DIR    ?= data/synth/images
 ARGS   ?=
 
-.PHONY: install features train caption demo test bench quality clean
+.PHONY: install features train caption demo test test-slow bench quality clean
 
 install: $(STAMP)
 
@@ -41,8 +41,12 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 	$(VENV)/bin/ruff check .
+
+# The slower end-to-end tests: kill -9 of real training and featurize processes, torchrun.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 # After `make features` and `make train`: speed of featurize, of a decoder epoch, of captioning.
 bench: $(STAMP)
