@@ -50,7 +50,7 @@ def main() -> None:
     """légende: CPU-first image captioning (Inception v3 features + LSTM decoder)."""
 
 
-# --- prepare / synth (owned by the foundation work) -------------------------------------------
+# --- prepare / synth -------------------------------------------
 
 
 @main.command()
@@ -101,7 +101,7 @@ def synth(outdir, n, seed, size):
     console.print(f"wrote {n} images and their captions to {path}")
 
 
-# --- featurize (owned by the featurize work) --------------------------------------------------
+# --- featurize --------------------------------------------------
 
 
 @main.command()
