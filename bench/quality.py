@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=5, help="featurize --crops (default: 5)")
     p.add_argument("--weights", default="google2015", help="featurize --weights (default: google2015)")
     p.add_argument("--name", default=None, help="run name under OUT/runs (default: from the options)")
-    p.add_argument("--epochs", type=int, default=None, help="decoder epochs (default: 30; --quick: 3)")
+    p.add_argument("--epochs", type=int, default=None, help="decoder epochs (default: 20; --quick: 3)")
     p.add_argument("--select-by", default="cider", choices=["loss", "cider"], help="what picks best.pt (default: cider)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -191,7 +191,7 @@ def main() -> None:
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "quality.log"
-    epochs = a.epochs or (3 if a.quick else 30)
+    epochs = a.epochs or (3 if a.quick else 20)
     joint_minutes = a.joint_minutes if a.joint_minutes is not None else (1.0 if a.quick else 8.0)
     decodes = [parse_decode(s) for s in (a.decode or ["beam=3"])]
     joint_decode = parse_decode(a.joint_decode) if a.joint_decode else decodes[0]
