@@ -113,11 +113,7 @@ def plot_run(run_dir: Path) -> list[Path]:
             rows = [r for r in batches if r["phase"] == phase]
             ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, label=phase)
         ax.set(xlabel="batch (global step)", ylabel="cross-entropy", title="Loss of every batch")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "batch_loss.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, ax, out_dir / "batch_loss.png"))
     if epochs:
         fig, ax = plt.subplots(figsize=(8, 4))
         x = list(range(1, len(epochs) + 1))
@@ -128,9 +124,16 @@ def plot_run(run_dir: Path) -> list[Path]:
                 ax.axvline(i + 0.5, color="grey", ls="--", lw=0.8)
                 ax.text(i + 0.6, ax.get_ylim()[1], r["phase"], va="top", fontsize=8)
         ax.set(xlabel="epoch (all phases)", ylabel="cross-entropy", title="Train vs validation loss per epoch")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "epoch_loss.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, ax, out_dir / "epoch_loss.png"))
     return written
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, layout, PNG, and the figure freed (matplotlib keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
