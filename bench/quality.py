@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint-minutes", type=float, default=None, help="joint session length; 0 skips it (default: 8; --quick: 1)")
     p.add_argument("--joint-batch-size", type=int, default=16, help="joint --batch-size (default: 16)")
     p.add_argument("--joint-decode", default=None, metavar="SPEC", help="decoding setting of the joint row (default: the first --decode)")
+    p.add_argument("--joint-epochs", type=int, default=None, help="joint --epochs (default: train's own, 1)")
+    p.add_argument("--joint-resume", action="store_true",
+                   help="continue the run's joint phase (train --resume) instead of starting it: a second session")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of every step (OMP_NUM_THREADS); 1 is steadier on a machine others are using")
     p.add_argument("--keep-run", action="store_true", help="reuse OUT/runs/NAME if it has a decoder best.pt instead of retraining")
@@ -193,6 +196,8 @@ def main() -> None:
     log = out / "quality.log"
     epochs = a.epochs or (3 if a.quick else 20)
     joint_minutes = a.joint_minutes if a.joint_minutes is not None else (1.0 if a.quick else 8.0)
+    if a.joint_resume and not a.keep_run:
+        raise SystemExit("--joint-resume continues a run: add --keep-run (and --name of that run)")
     decodes = [parse_decode(s) for s in (a.decode or ["beam=3"])]
     joint_decode = parse_decode(a.joint_decode) if a.joint_decode else decodes[0]
     workdir = a.workdir or (out / (f"work-mwc{a.min_word_count}" if a.min_word_count is not None else "work"))
@@ -233,7 +238,8 @@ def main() -> None:
     base = f"{options or 'defaults'}; {workdir.name}; seed {a.seed}; {epochs} ep"
 
     new_rows = []
-    for d in decodes:
+    # a resumed joint session's run holds a joint best.pt now: its decoder rows stand as first scored
+    for d in [] if a.joint_resume else decodes:
         scores, secs, result = score(best, d)
         config = f"decoder [{base}] best ep {result['epoch']}; {decode_label(d)}"
         steps[f"evaluate {name} {decode_label(d)}"] = secs
@@ -245,9 +251,10 @@ def main() -> None:
 
     # 3. joint session from the decoder's best.pt, then its last.pt on the validation split
     if joint_minutes > 0:
+        joint_args = ["--batch-size", str(a.joint_batch_size)] + (["--epochs", str(a.joint_epochs)] if a.joint_epochs else [])
         joint_seconds = cli("train", "--run", str(run_dir), "--phase", "joint", "--max-minutes", f"{joint_minutes:g}",
-                            "--batch-size", str(a.joint_batch_size), log=log)
-        steps[f"train joint {name} ({joint_minutes:g} min)"] = joint_seconds
+                            *joint_args, *(["--resume"] if a.joint_resume else []), log=log)
+        steps[f"train joint {name} ({joint_minutes:g} min{', resumed' if a.joint_resume else ''})"] = joint_seconds
         import torch
 
         from store.runlog import read_rows
@@ -256,10 +263,17 @@ def main() -> None:
         state = torch.load(last, map_location="cpu", weights_only=True)
         batches = sum(r["phase"] == "joint" for r in read_rows(run_dir / "metrics" / "batches.csv"))
         in_epoch = state.get("batch_in_epoch", 0)
-        s_per_batch = state.get("epoch_seconds", 0.0) / in_epoch if in_epoch else joint_seconds / max(batches, 1)
+        joint_epochs = [r for r in read_rows(run_dir / "metrics" / "epochs.csv") if r["phase"] == "joint"]
+        if in_epoch:  # stopped mid-epoch: the checkpoint times the epoch so far
+            s_per_batch = state["epoch_seconds"] / in_epoch
+        elif joint_epochs:  # stopped at an epoch end: that epoch's time over its batches
+            s_per_batch = float(joint_epochs[-1]["seconds"]) / (batches / len(joint_epochs))
+        else:
+            s_per_batch = joint_seconds / max(batches, 1)
         scores, secs, result = score(last, joint_decode)
         steps[f"evaluate joint {name} {decode_label(joint_decode)}"] = secs
-        config = (f"joint [{base}] +{joint_minutes:g} min, {batches} batches of {a.joint_batch_size}, "
+        # batches counts every joint session of the run, so a resumed session's row says where it stands
+        config = (f"joint [{base}] +{joint_minutes:g} min{' resumed' if a.joint_resume else ''}, {batches} batches of {a.joint_batch_size}, "
                   f"{s_per_batch:.2f} s/batch; {decode_label(joint_decode)}")
         new_rows.append({"config": config, "run": str(run_dir), "phase": "joint", "seed": a.seed, "options": options,
                          "workdir": str(workdir), "epochs": epochs, "decode": joint_decode, "joint_minutes": joint_minutes,

@@ -79,9 +79,11 @@ def resolve_run(run_dir: Path | None, resume: bool) -> Path:
 
 
 def store_identity(store: FeatureStore) -> dict:
-    """What a checkpoint records of its store: the identity it is checked against, and where the
-    CNN's weights file is (so `caption` can rebuild the CNN from a PATH source)."""
-    return {**{k: store.attrs.get(k) for k in STORE_IDENTITY}, "weights_path": store.attrs.get("weights_path", "")}
+    """What a checkpoint records of its store: the identity it is checked against, where the CNN's
+    weights file is (so `caption` can rebuild the CNN from a PATH source) and the precision the
+    features were computed in (so `caption` computes new ones the same way)."""
+    return {**{k: store.attrs.get(k) for k in STORE_IDENTITY}, "weights_path": store.attrs.get("weights_path", ""),
+            "precision": store.attrs.get("precision", "fp32")}
 
 
 def check_store_matches(store: FeatureStore, expected: dict, what: str) -> None:

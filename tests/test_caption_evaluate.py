@@ -43,6 +43,27 @@ def test_evaluate_writes_scores_and_captions(trained):
     assert not any(marker in r["caption"] for r in rows for marker in ("<start>", "<end>", "<pad>"))
 
 
+def test_caption_features_of_a_photo_equal_its_stored_features(trained, featurized):
+    """`caption` encodes a new photo the way featurize did: its centre-crop feature is the stored one."""
+    import numpy as np
+    import torch
+
+    from decoder.inference import crop_policy, encode_images, inference_encoder, inference_precision, load_captioner
+    from store.features import FeatureStore, find_store
+    from store.manifest import read_manifest
+
+    loaded = load_captioner(trained / "checkpoints" / "best.pt")
+    assert inference_precision(loaded.state) == "fp32"  # the store's, recorded in the checkpoint
+    records = read_manifest(featurized)[:6]
+    features, errors = encode_images([featurized / r.path for r in records], inference_encoder(loaded.state),
+                                     crop_policy(loaded.state), workers=0)
+    assert not errors and sorted(features) == list(range(6))
+    with FeatureStore.open(find_store(featurized)) as store:
+        stored = torch.from_numpy(store.read(np.arange(6))[:, 0].astype(np.float32))  # crop 0 is the centre
+    computed = torch.stack([features[i] for i in range(6)])
+    assert torch.allclose(computed, stored, rtol=2e-3, atol=1e-3)  # the store keeps float16
+
+
 def test_caption_formats_and_bad_files(trained, featurized, tmp_path):
     photos = tmp_path / "photos"
     (photos / "nested").mkdir(parents=True)
