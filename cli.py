@@ -46,8 +46,16 @@ workdir_argument = click.argument(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def main() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="LEGENDE_THREADS",
+              help="CPU threads for torch (default: torch's, one per core). Give each process 1 when "
+                   "several share a machine: oversubscribed cores slow training more than 10x.")
+def main(threads: int | None) -> None:
     """légende: CPU-first image captioning (Inception v3 features + LSTM decoder)."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # DataLoader workers and child processes inherit it
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # --- prepare / synth -------------------------------------------

@@ -203,7 +203,7 @@ def train_joint(
             raise UserError(f"{path} is a {state['phase']}-phase checkpoint: start the joint phase without --resume")
         check_options_unchanged(state["config"]["joint"], options)
         cfg = JointConfig(**{**state["config"]["joint"], **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME and v is not None}})
-        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}")
+        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}, CPU threads: {torch.get_num_threads()}")
     else:
         init = Path(options.get("init") or ckpt_dir / "best.pt")
         state = load_checkpoint(init)
@@ -214,7 +214,7 @@ def train_joint(
         cfg = JointConfig(**{"workdir": str(workdir or saved_train["workdir"]), "store": saved_train["store"],
                              "seed": saved_train["seed"], "batch_size": saved_train["batch_size"],
                              "lr": saved_train["lr"], **joint_opts, "init": str(init)})
-        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']})")
+        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']}), CPU threads: {torch.get_num_threads()}")
 
     device = pick_device(ctx)
     records = read_manifest(Path(cfg.workdir))

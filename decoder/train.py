@@ -145,7 +145,8 @@ def train_decoder(
         cfg = TrainConfig(**{**saved, **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME and v is not None}})
         model_cfg = CaptionerConfig(**state["config"]["model"])
         vocab = Vocabulary(state["vocab"])
-        console.print(f"resuming {run_dir} from {path.name}: epoch {state['epoch'] + 1}, batch {state.get('batch_in_epoch', 0)}, step {state['step']}")
+        console.print(f"resuming {run_dir} from {path.name}: epoch {state['epoch'] + 1}, batch {state.get('batch_in_epoch', 0)}, step {state['step']}, "
+                      f"CPU threads: {torch.get_num_threads()}")
     else:
         if (run_dir / "checkpoints").exists() and ctx.is_main:
             raise UserError(f"{run_dir} already has checkpoints: add --resume, or choose a new --run")
@@ -186,7 +187,7 @@ def train_decoder(
                 write_config(run_dir, {**config, "phase": "decoder"})
             console.print(
                 f"run {run_dir}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
-                f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                f"{sum(p.numel() for p in model.parameters()):,} parameters, CPU threads: {torch.get_num_threads()}"
             )
 
         select = val_cider_score(model, vocab, store, records, usable) if cfg.select_by == "cider" else None

@@ -48,7 +48,13 @@ def test_caption_features_of_a_photo_equal_its_stored_features(trained, featuriz
     import numpy as np
     import torch
 
-    from decoder.inference import crop_policy, encode_images, inference_encoder, inference_precision, load_captioner
+    from decoder.inference import (
+        crop_policy,
+        encode_images,
+        inference_encoder,
+        inference_precision,
+        load_captioner,
+    )
     from store.features import FeatureStore, find_store
     from store.manifest import read_manifest
 

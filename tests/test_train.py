@@ -2,6 +2,7 @@
 
 import csv
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -140,6 +141,16 @@ def test_resume_refuses_a_changed_architecture(featurized, tmp_path):
     assert out.stderr.strip().splitlines()[-1] == "Error: cannot change --hidden-size on resume: the run was trained with 16, got 32"
     out = run_cli("train", featurized, "--run", run, *TINY, check=False)
     assert out.returncode == 1 and "already has checkpoints" in out.stderr
+
+
+def test_threads_option_and_its_environment_variable_set_torch_threads(featurized, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("--threads", 1, "train", featurized, "--run", run, "--epochs", 1, *TINY)
+    assert "CPU threads: 1" in out.stderr
+    out = run_cli("train", "--run", run, "--resume", "--epochs", 2, env={**os.environ, "LEGENDE_THREADS": "1"})
+    assert "CPU threads: 1" in out.stderr
+    out = run_cli("--threads", 0, "train", featurized, "--run", tmp_path / "other", check=False)
+    assert out.returncode == 2 and "--threads" in out.stderr
 
 
 def test_user_errors_are_one_line(tmp_path):
