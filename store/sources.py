@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from featurize.images import IMAGE_EXTENSIONS
 from store.errors import UserError
+from store.manifest import remove_stale_temporaries_in
 
 # Header names we recognise, normalised (lower case, runs of other characters -> "_"), in order
 # of preference: `text` (the human caption of the pexel dataset) beats `generated_caption`.
@@ -384,6 +385,8 @@ def _parquet_rows(files: list[Path], workdir: Path, image_column: str | None,
     import pyarrow.parquet as pq
 
     out = Path(os.path.abspath(workdir)) / IMAGES_DIR
+    if out.is_dir():  # images half-written by a killed run are written again below
+        remove_stale_temporaries_in(out)
     for path in files:
         try:
             table = pq.ParquetFile(path)

@@ -5,6 +5,7 @@ source can be unusable."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import huggingface_hub
@@ -270,6 +271,23 @@ def test_parquet_image_struct_is_extracted_and_text_preferred(tmp_path):
     assert rows[0].path.parent == work / "images" and rows[0].path.read_bytes() == red
     assert rows[1].path.suffix == ".png" and rows[1].path.read_bytes() == blue
     assert rows[1].where == "train-00000-of-00001.parquet row 1"
+
+
+def test_parquet_rerun_removes_images_a_killed_run_left_half_written(tmp_path):
+    import subprocess
+    import sys
+
+    shard = write_pexel_parquet(tmp_path / "s.parquet", [(png_bytes((9, 9, 9)), "a.png", "a grey square", "")])
+    images = tmp_path / "work" / "images"
+    images.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = images / f"0123456789abcdef0123.png.tmp{dead.stdout.strip()}"  # its writer has exited
+    live = images / f"0123456789abcdef0123.png.tmp{os.getpid()}"  # a writer still running
+    stale.write_bytes(b"half an image")
+    live.write_bytes(b"half an image")
+    rows, _ = read(shard, tmp_path / "work")
+    assert rows[0].path.read_bytes() == png_bytes((9, 9, 9))
+    assert not stale.exists() and live.exists()
 
 
 def test_parquet_folder_reads_every_shard_in_order(tmp_path):
