@@ -271,8 +271,23 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
                 continue
             if not any(cell.strip() for cell in cells):
                 continue
+            if swallowed := _swallowed_lines(cells, delimiter):
+                start = reader.line_num - swallowed
+                yield Row("", None, "", f"{path.name}:{start}", "malformed",
+                          f"a quote opened on line {start} is not closed, so lines {start}-{reader.line_num} "
+                          "were read as one row; close the quote")
+                continue
             yield _text_row(cells, img_idx, cap_idx, ncols, delimiter,
                             f"{path.name}:{reader.line_num}", resolver)
+
+
+def _swallowed_lines(cells: list[str], delimiter: str) -> int:
+    """How many line breaks a row's cells hold, if they hold whole rows (a line with the
+    delimiter): the sign of an unclosed quote, which makes csv read on to the next quote or the
+    end of the file. A quoted caption broken over lines without a delimiter is left as text."""
+    breaks = [line for cell in cells for line in cell.splitlines()[1:]]
+    # a quote left open at the end of the file also holds that last line's own line break
+    return sum(cell.rstrip("\r\n").count("\n") for cell in cells) if any(delimiter in line for line in breaks) else 0
 
 
 def _text_row(cells: list[str], img_idx: int, cap_idx: int, ncols: int, delimiter: str,

@@ -119,6 +119,28 @@ def test_rows_missing_a_cell_are_reported_and_the_run_goes_on(four_images, tmp_p
                      ("captions.csv:6", "empty"), ("captions.csv:6", "no_caption")]
 
 
+def test_an_unclosed_quote_is_reported_with_the_lines_it_swallowed(four_images, tmp_path):
+    (four_images / "captions.csv").write_text(
+        'image,caption\n'
+        'a.png,a dog\n'
+        'b.png,"two cats asleep\n'  # the quote is never closed: csv reads to the end of the file
+        'c.png,a red car\n'
+        'd.png,an old hat\n')
+    result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
+    assert result.exit_code == 0, result.output
+    assert captions_by_image(tmp_path / "work") == {"a.png": ["a dog"]}  # no caption full of rows
+    report = json.loads((tmp_path / "work" / REPORT_NAME).read_text())
+    [dropped] = [e for e in report["dropped_captions"] if e["rule"] == "malformed"]
+    assert dropped["where"] == "captions.csv:3" and "lines 3-5" in dropped["reason"]
+
+
+def test_a_quoted_caption_broken_over_lines_is_kept(four_images, tmp_path):
+    (four_images / "captions.csv").write_text('image,caption\na.png,"a dog\nrunning on grass"\nb.png,two cats\n')
+    result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
+    assert result.exit_code == 0, result.output
+    assert captions_by_image(tmp_path / "work") == {"a.png": ["a dog running on grass"], "b.png": ["two cats"]}
+
+
 # --- undecodable, empty and binary files -------------------------------------------------------
 
 
