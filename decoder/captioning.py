@@ -14,14 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from decoder.inference import (
-    LoadedCaptioner,
-    crop_policy,
-    encode_images,
-    generate,
-    inference_encoder,
-    inference_precision,
-)
+from decoder.inference import LoadedCaptioner, encode_photos, generate
 from featurize.images import IMAGE_EXTENSIONS
 from store.errors import UserError
 
@@ -47,9 +40,7 @@ def caption_images(
     loaded: LoadedCaptioner, paths: list[Path], beam: int = 3, alpha: float = 0.0, tta: bool = False,
     batch_size: int = 16, workers: int = 2,
 ) -> list[CaptionResult]:
-    features, errors = encode_images(paths, inference_encoder(loaded.state), crop_policy(loaded.state),
-                                     tta=tta, batch_size=batch_size, workers=workers,
-                                     precision=inference_precision(loaded.state))
+    features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)
     sentences = generate(loaded, _stack(features, order), beam=beam, alpha=alpha) if order else []
     by_index = dict(zip(order, sentences, strict=True))

@@ -17,14 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoder.inference import (
-    LoadedCaptioner,
-    crop_policy,
-    encode_images,
-    generate,
-    inference_encoder,
-    inference_precision,
-)
+from decoder.inference import LoadedCaptioner, encode_photos, generate
 from decoder.metrics import score_captions
 from store.errors import UserError
 from store.features import FeatureStore
@@ -36,9 +29,7 @@ def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, t
     train_cfg = loaded.state["config"]["train"]
     rows = [i for i, r in enumerate(records) if r.split == split]
     if "encoder" in loaded.state:  # joint phase: the cached features are from the CNN before fine-tuning
-        feats, _ = encode_images([Path(records[i].path) for i in rows], inference_encoder(loaded.state),
-                                 crop_policy(loaded.state), tta=tta, workers=workers,
-                                 precision=inference_precision(loaded.state))
+        feats, _ = encode_photos(loaded, [Path(records[i].path) for i in rows], tta=tta, workers=workers)
         kept = [rows[j] for j in sorted(feats)]
         return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
     from decoder.train import check_store_matches

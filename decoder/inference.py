@@ -130,3 +130,11 @@ def encode_images(
         for (i, _), f in zip(good, out.split(counts), strict=True):
             features[i] = f.mean(0)
     return features, errors
+
+
+def encode_photos(
+    loaded: LoadedCaptioner, paths: list[Path], tta: bool = False, batch_size: int = 16, workers: int = 2,
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """encode_images with the CNN, crops and precision that made the checkpoint's training features."""
+    return encode_images(paths, inference_encoder(loaded.state), crop_policy(loaded.state), tta=tta,
+                         batch_size=batch_size, workers=workers, precision=inference_precision(loaded.state))

@@ -48,21 +48,14 @@ def test_caption_features_of_a_photo_equal_its_stored_features(trained, featuriz
     import numpy as np
     import torch
 
-    from decoder.inference import (
-        crop_policy,
-        encode_images,
-        inference_encoder,
-        inference_precision,
-        load_captioner,
-    )
+    from decoder.inference import encode_photos, inference_precision, load_captioner
     from store.features import FeatureStore, find_store
     from store.manifest import read_manifest
 
     loaded = load_captioner(trained / "checkpoints" / "best.pt")
     assert inference_precision(loaded.state) == "fp32"  # the store's, recorded in the checkpoint
     records = read_manifest(featurized)[:6]
-    features, errors = encode_images([featurized / r.path for r in records], inference_encoder(loaded.state),
-                                     crop_policy(loaded.state), workers=0)
+    features, errors = encode_photos(loaded, [featurized / r.path for r in records], workers=0)
     assert not errors and sorted(features) == list(range(6))
     with FeatureStore.open(find_store(featurized)) as store:
         stored = torch.from_numpy(store.read(np.arange(6))[:, 0].astype(np.float32))  # crop 0 is the centre
