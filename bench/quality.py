@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint-batch-size", type=int, default=16, help="joint --batch-size (default: 16)")
     p.add_argument("--joint-decode", default=None, metavar="SPEC", help="decoding setting of the joint row (default: the first --decode)")
     p.add_argument("--joint-epochs", type=int, default=None, help="joint --epochs (default: train's own, 1)")
+    p.add_argument("--joint-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra joint-phase `cli.py train` option, e.g. lr=3e-5 or unfreeze=Mixed_6a (repeatable)")
     p.add_argument("--joint-resume", action="store_true",
                    help="continue the run's joint phase (train --resume) instead of starting it: a second session")
     p.add_argument("--threads", type=int, default=None,
@@ -184,6 +186,17 @@ def write_tables(out: Path, rows: list[dict]) -> str:
     return md
 
 
+def cli_options(items: list[str], flag: str) -> list[str]:
+    """KEY=VALUE items -> ["--KEY", "VALUE", ...] for a cli.py command line."""
+    args = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+        args += [f"--{key.lstrip('-')}", value]
+    return args
+
+
 def main() -> None:
     a = get_args_parser().parse_args()
     if a.threads:
@@ -201,13 +214,9 @@ def main() -> None:
     decodes = [parse_decode(s) for s in (a.decode or ["beam=3"])]
     joint_decode = parse_decode(a.joint_decode) if a.joint_decode else decodes[0]
     workdir = a.workdir or (out / (f"work-mwc{a.min_word_count}" if a.min_word_count is not None else "work"))
-    train_args = []
-    for item in a.train_arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--train-arg {item!r}: expected KEY=VALUE")
-        train_args += [f"--{key.lstrip('-')}", value]
+    train_args, joint_extra = cli_options(a.train_arg, "--train-arg"), cli_options(a.joint_arg, "--joint-arg")
     options = " ".join(f"{k.lstrip('-')}={v}" for k, v in zip(train_args[::2], train_args[1::2], strict=True))
+    joint_options = " ".join(f"{k.lstrip('-')}={v}" for k, v in zip(joint_extra[::2], joint_extra[1::2], strict=True))
     name = a.name or "-".join(filter(None, [
         "decoder", options.replace(" ", "-").replace("=", ""), f"mwc{a.min_word_count}" if a.min_word_count is not None else "",
         f"e{epochs}", f"seed{a.seed}"]))
@@ -251,7 +260,8 @@ def main() -> None:
 
     # 3. joint session from the decoder's best.pt, then its last.pt on the validation split
     if joint_minutes > 0:
-        joint_args = ["--batch-size", str(a.joint_batch_size)] + (["--epochs", str(a.joint_epochs)] if a.joint_epochs else [])
+        joint_args = ["--batch-size", str(a.joint_batch_size), *joint_extra] + (
+            ["--epochs", str(a.joint_epochs)] if a.joint_epochs else [])
         joint_seconds = cli("train", "--run", str(run_dir), "--phase", "joint", "--max-minutes", f"{joint_minutes:g}",
                             *joint_args, *(["--resume"] if a.joint_resume else []), log=log)
         steps[f"train joint {name} ({joint_minutes:g} min{', resumed' if a.joint_resume else ''})"] = joint_seconds
@@ -273,10 +283,10 @@ def main() -> None:
         scores, secs, result = score(last, joint_decode)
         steps[f"evaluate joint {name} {decode_label(joint_decode)}"] = secs
         # batches counts every joint session of the run, so a resumed session's row says where it stands
-        config = (f"joint [{base}] +{joint_minutes:g} min{' resumed' if a.joint_resume else ''}, {batches} batches of {a.joint_batch_size}, "
+        config = (f"joint [{base}{'; ' + joint_options if joint_options else ''}] +{joint_minutes:g} min{' resumed' if a.joint_resume else ''}, {batches} batches of {a.joint_batch_size}, "
                   f"{s_per_batch:.2f} s/batch; {decode_label(joint_decode)}")
         new_rows.append({"config": config, "run": str(run_dir), "phase": "joint", "seed": a.seed, "options": options,
-                         "workdir": str(workdir), "epochs": epochs, "decode": joint_decode, "joint_minutes": joint_minutes,
+                         "workdir": str(workdir), "epochs": epochs, "decode": joint_decode, "joint_minutes": joint_minutes, "joint_options": joint_options,
                          "joint_batches": batches, "s_per_batch": round(s_per_batch, 3), "scores": scores,
                          "train_seconds": joint_seconds, "eval_seconds": secs,
                          "examples": [[r.path, h, r.captions[0]] for r, h in result["captions"][:8]]})

@@ -4,9 +4,10 @@
 #     bash bench/quality_sweep.sh [DATA] [OUT]
 #
 # Every line adds rows to OUT/quality.md / quality.json (see bench/quality.py). DATA defaults to
-# the Flickr8k subset. On 2 shared CPU cores this took ~70 min of training and scoring after a
-# ~5-16 min featurize (--threads 1 keeps a run steady when another torch process shares the cores;
-# with 2 threads each, epochs went from 4 s to 60-100 s). The joint session runs once, at the end.
+# the Flickr8k subset. On 2 shared CPU cores the decoder runs took ~85 min of training and scoring
+# after a ~5-16 min featurize (--threads 1 keeps a run steady when another torch process shares the
+# cores; with 2 threads each, epochs went from 4 s to 60-100 s), and the joint sessions at the end
+# ~22 min per seed (2 epochs of 186 batches of 16 at ~3-4 s per batch, 2 threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/flickr8k-dev}
@@ -28,8 +29,13 @@ G=(--decode beam=1 --decode beam=3 --decode beam=5 --decode beam=5,alpha=0.7 --d
 "${Q[@]}" --train-arg hidden-size=1024 --seed 2
 "${Q[@]}" --train-arg dropout=0.5
 "${Q[@]}" --min-word-count 3      # its manifest equals the baseline's: the feature store is reused
-[ -n "${WITH_256:-}" ] && "${Q[@]}" --train-arg hidden-size=256
-# a joint session after the chosen decoder (reuses the seed-0 baseline run; its own copy keeps that run clean)
-rm -rf "$OUT/runs/joint-e$EPOCHS" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed0" "$OUT/runs/joint-e$EPOCHS"
-"$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-e$EPOCHS" --seed 0 \
-      --decode beam=3 --joint-minutes "${JOINT_MINUTES:-8}"
+"${Q[@]}" --min-word-count 3 --seed 1
+"${Q[@]}" --min-word-count 3 --seed 2
+for seed in 0 1 2; do "${Q[@]}" --train-arg hidden-size=256 --seed $seed; done
+# two joint epochs after each seed's baseline decoder (each on its own copy, which keeps the decoder run clean);
+# seed 0 ran as two 1-epoch sessions (--joint-resume), the others as one 2-epoch session: resumes are exact
+for seed in 0 1 2; do
+  rm -rf "$OUT/runs/joint-e$EPOCHS-seed$seed" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed$seed" "$OUT/runs/joint-e$EPOCHS-seed$seed"
+  "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-e$EPOCHS-seed$seed" --seed $seed \
+        --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}"
+done
