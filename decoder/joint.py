@@ -193,6 +193,7 @@ def train_joint(
     workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
     options: dict, console: Console, weights: str | None = None,
 ) -> Outcome:
+    threads = torch.get_num_threads()  # before the process group: see train_decoder
     ctx = init_distributed()
     console = console if ctx.is_main else Console(quiet=True)
     run_dir = broadcast_object(ctx, resolve_run(run_dir, resume or run_dir is None) if ctx.is_main else None)
@@ -203,7 +204,7 @@ def train_joint(
             raise UserError(f"{path} is a {state['phase']}-phase checkpoint: start the joint phase without --resume")
         check_options_unchanged(state["config"]["joint"], options)
         cfg = JointConfig(**{**state["config"]["joint"], **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME and v is not None}})
-        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}, CPU threads: {torch.get_num_threads()}")
+        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}, CPU threads: {threads}")
     else:
         init = Path(options.get("init") or ckpt_dir / "best.pt")
         state = load_checkpoint(init)
@@ -214,7 +215,7 @@ def train_joint(
         cfg = JointConfig(**{"workdir": str(workdir or saved_train["workdir"]), "store": saved_train["store"],
                              "seed": saved_train["seed"], "batch_size": saved_train["batch_size"],
                              "lr": saved_train["lr"], **joint_opts, "init": str(init)})
-        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']}), CPU threads: {torch.get_num_threads()}")
+        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']}), CPU threads: {threads}")
 
     device = pick_device(ctx)
     records = read_manifest(Path(cfg.workdir))

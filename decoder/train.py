@@ -132,6 +132,9 @@ def train_decoder(
 
     Under torchrun each rank trains on its share of every global batch (see decoder/distributed.py).
     """
+    # read before the process group exists: torch.get_num_threads() after gloo's start made about
+    # one torchrun run in ten abort at exit ("terminate called without an active exception")
+    threads = torch.get_num_threads()
     ctx = init_distributed()
     console = console if ctx.is_main else Console(quiet=True)
     run_dir = broadcast_object(ctx, resolve_run(run_dir, resume) if ctx.is_main else None)
@@ -146,7 +149,7 @@ def train_decoder(
         model_cfg = CaptionerConfig(**state["config"]["model"])
         vocab = Vocabulary(state["vocab"])
         console.print(f"resuming {run_dir} from {path.name}: epoch {state['epoch'] + 1}, batch {state.get('batch_in_epoch', 0)}, step {state['step']}, "
-                      f"CPU threads: {torch.get_num_threads()}")
+                      f"CPU threads: {threads}")
     else:
         if (run_dir / "checkpoints").exists() and ctx.is_main:
             raise UserError(f"{run_dir} already has checkpoints: add --resume, or choose a new --run")
@@ -187,7 +190,7 @@ def train_decoder(
                 write_config(run_dir, {**config, "phase": "decoder"})
             console.print(
                 f"run {run_dir}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
-                f"{sum(p.numel() for p in model.parameters()):,} parameters, CPU threads: {torch.get_num_threads()}"
+                f"{sum(p.numel() for p in model.parameters()):,} parameters, CPU threads: {threads}"
             )
 
         select = val_cider_score(model, vocab, store, records, usable) if cfg.select_by == "cider" else None
