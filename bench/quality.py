@@ -197,6 +197,11 @@ def cli_options(items: list[str], flag: str) -> list[str]:
     return args
 
 
+def options_label(args: list[str]) -> str:
+    """["--KEY", "VALUE", ...] -> "KEY=VALUE ...", as rows and run names show them."""
+    return " ".join(f"{k.lstrip('-')}={v}" for k, v in zip(args[::2], args[1::2], strict=True))
+
+
 def main() -> None:
     a = get_args_parser().parse_args()
     if a.threads:
@@ -215,8 +220,7 @@ def main() -> None:
     joint_decode = parse_decode(a.joint_decode) if a.joint_decode else decodes[0]
     workdir = a.workdir or (out / (f"work-mwc{a.min_word_count}" if a.min_word_count is not None else "work"))
     train_args, joint_extra = cli_options(a.train_arg, "--train-arg"), cli_options(a.joint_arg, "--joint-arg")
-    options = " ".join(f"{k.lstrip('-')}={v}" for k, v in zip(train_args[::2], train_args[1::2], strict=True))
-    joint_options = " ".join(f"{k.lstrip('-')}={v}" for k, v in zip(joint_extra[::2], joint_extra[1::2], strict=True))
+    options, joint_options = options_label(train_args), options_label(joint_extra)
     name = a.name or "-".join(filter(None, [
         "decoder", options.replace(" ", "-").replace("=", ""), f"mwc{a.min_word_count}" if a.min_word_count is not None else "",
         f"e{epochs}", f"seed{a.seed}"]))

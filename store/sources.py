@@ -285,9 +285,11 @@ def _swallowed_lines(cells: list[str], delimiter: str) -> int:
     """How many line breaks a row's cells hold, if they hold whole rows (a line with the
     delimiter): the sign of an unclosed quote, which makes csv read on to the next quote or the
     end of the file. A quoted caption broken over lines without a delimiter is left as text."""
-    breaks = [line for cell in cells for line in cell.splitlines()[1:]]
     # a quote left open at the end of the file also holds that last line's own line break
-    return sum(cell.rstrip("\r\n").count("\n") for cell in cells) if any(delimiter in line for line in breaks) else 0
+    lines = [cell.rstrip("\r\n").splitlines() for cell in cells]
+    if not any(delimiter in line for cell_lines in lines for line in cell_lines[1:]):
+        return 0
+    return sum(max(len(cell_lines) - 1, 0) for cell_lines in lines)
 
 
 def _text_row(cells: list[str], img_idx: int, cap_idx: int, ncols: int, delimiter: str,
