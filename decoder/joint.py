@@ -34,7 +34,7 @@ from decoder.stopping import StopRequest
 from decoder.train import check_options_unchanged, check_store_matches, resolve_run, store_identity
 from decoder.vocab import Vocabulary
 from featurize.crops import CropPolicy, to_float
-from featurize.distributed import Dist, barrier, broadcast_object, init_distributed, shard
+from featurize.distributed import Dist, barrier, broadcast_object, process_group, shard
 from featurize.images import open_image
 from featurize.pipeline import bf16_is_fast
 from store.checkpoints import load_checkpoint, load_resumable
@@ -193,8 +193,12 @@ def train_joint(
     workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
     options: dict, console: Console, weights: str | None = None,
 ) -> Outcome:
-    threads = torch.get_num_threads()  # before the process group: see train_decoder
-    ctx = init_distributed()
+    with process_group() as ctx:  # left after the training's objects (DDP among them) are gone
+        return _train_joint(ctx, workdir, run_dir, resume, max_minutes, options, console)
+
+
+def _train_joint(ctx: Dist, workdir, run_dir, resume, max_minutes, options, console) -> Outcome:
+    threads = torch.get_num_threads()
     console = console if ctx.is_main else Console(quiet=True)
     run_dir = broadcast_object(ctx, resolve_run(run_dir, resume or run_dir is None) if ctx.is_main else None)
     ckpt_dir = run_dir / "checkpoints"

@@ -23,7 +23,7 @@ from decoder.loop import Fit, Outcome, Position, resume_from, run
 from decoder.model import Captioner, CaptionerConfig
 from decoder.stopping import StopRequest
 from decoder.vocab import Vocabulary
-from featurize.distributed import SINGLE, Dist, barrier, broadcast_object, init_distributed
+from featurize.distributed import SINGLE, Dist, barrier, broadcast_object, process_group
 from store.checkpoints import load_resumable
 from store.errors import UserError
 from store.features import FeatureStore, find_store
@@ -132,10 +132,12 @@ def train_decoder(
 
     Under torchrun each rank trains on its share of every global batch (see decoder/distributed.py).
     """
-    # read before the process group exists: torch.get_num_threads() after gloo's start made about
-    # one torchrun run in ten abort at exit ("terminate called without an active exception")
+    with process_group() as ctx:  # left after the training's objects (DDP among them) are gone
+        return _train_decoder(ctx, workdir, run_dir, resume, max_minutes, options, console, weights)
+
+
+def _train_decoder(ctx: Dist, workdir, run_dir, resume, max_minutes, options, console, weights) -> Outcome:
     threads = torch.get_num_threads()
-    ctx = init_distributed()
     console = console if ctx.is_main else Console(quiet=True)
     run_dir = broadcast_object(ctx, resolve_run(run_dir, resume) if ctx.is_main else None)
     state = None

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.inception import BasicConv2d
 
 from featurize.crops import CropPolicy, to_float
-from featurize.distributed import Dist, barrier, broadcast_object, init_distributed
+from featurize.distributed import Dist, barrier, broadcast_object, process_group
 from featurize.encoder import ENCODER, FEATURE_DIM, build_inception, encoder_info, export_finetuned
 from featurize.images import ImageError, open_image
 from store.errors import UserError
@@ -83,28 +83,27 @@ def featurize(
         "batch_size": batch_size,  # provenance: the batches that produced these exact bits
     }
     files = [workdir / r.path for r in records]  # manifest paths are absolute or relative to WORKDIR
-    ctx = init_distributed()
-    with _open_writer(ctx, path, attrs, [r.path for r in records], resume, overwrite) as writer:
-        chunks = writer.todo()  # every rank lists the same chunks before any rank writes one
-        barrier(ctx)
-        chunks = chunks[ctx.rank :: ctx.world_size]
-        if chunks:
-            loader = DataLoader(
-                _Resized(files, policy), batch_sampler=[c.rows.tolist() for c in chunks],
-                num_workers=workers, collate_fn=list, prefetch_factor=2 if workers else None,  # a chunk = a list of rows
-            )
-            batches = iter(loader)  # start the workers before the model's threads exist
-            net = prepare_for_inference(build_inception(weights))
-            try:
-                _run(net, chunks, batches, writer, policy, attrs, console if ctx.is_main else None)
-            except KeyboardInterrupt:
-                raise UserError(f"interrupted; finished chunks are kept: `featurize {workdir} --resume` continues") from None
-        elif ctx.is_main:
-            _say(console, f"{path}: every image is already done")
-        barrier(ctx)  # every rank's shards are on disk
-        if ctx.is_main:
-            path = writer.finish()
-    barrier(ctx)
+    with process_group() as ctx:  # its exit waits for every rank, then leaves the group
+        with _open_writer(ctx, path, attrs, [r.path for r in records], resume, overwrite) as writer:
+            chunks = writer.todo()  # every rank lists the same chunks before any rank writes one
+            barrier(ctx)
+            chunks = chunks[ctx.rank :: ctx.world_size]
+            if chunks:
+                loader = DataLoader(
+                    _Resized(files, policy), batch_sampler=[c.rows.tolist() for c in chunks],
+                    num_workers=workers, collate_fn=list, prefetch_factor=2 if workers else None,  # a chunk = a list of rows
+                )
+                batches = iter(loader)  # start the workers before the model's threads exist
+                net = prepare_for_inference(build_inception(weights))
+                try:
+                    _run(net, chunks, batches, writer, policy, attrs, console if ctx.is_main else None)
+                except KeyboardInterrupt:
+                    raise UserError(f"interrupted; finished chunks are kept: `featurize {workdir} --resume` continues") from None
+            elif ctx.is_main:
+                _say(console, f"{path}: every image is already done")
+            barrier(ctx)  # every rank's shards are on disk
+            if ctx.is_main:
+                path = writer.finish()
     if not ctx.is_main:
         return path
     with FeatureStore.open(path) as store:

@@ -2,13 +2,17 @@
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from featurize.distributed import process_group, sum_scalar
 from store.features import FeatureStore, find_store
 from tests.helpers import ROOT, run_cli
 
@@ -64,3 +68,31 @@ def test_distributed_training_follows_the_single_process_trajectory(featurized, 
     # resuming with another world size works, and says what that means
     resumed = run_cli("train", "--run", ddp, "--resume", "--epochs", 3)
     assert "written by 2 process(es), resuming with 1" in resumed.stderr
+
+
+def _member(rank: int, port: int, fail: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    try:
+        with process_group() as ctx:
+            total = sum_scalar(ctx, rank + 1)
+            if fail:
+                raise RuntimeError("a rank failed")
+    except RuntimeError:
+        pass
+    results.put((rank, total, dist.is_initialized()))
+    if dist.is_initialized():  # the failing case left it, as it should; leave now to exit cleanly
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_process_group_is_left_after_success_and_kept_after_an_error(fail):
+    """Leaving on success keeps gloo from aborting the process at exit; after an error another rank
+    may be inside a collective, so the group is not destroyed under it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    mp.start_processes(_member, args=(port, fail, results), nprocs=2, start_method="spawn")
+    got = sorted(results.get(timeout=60) for _ in range(2))
+    assert got == [(0, 3.0, fail), (1, 3.0, fail)]
