@@ -39,7 +39,9 @@ for seed in 0 1 2; do
   "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-e$EPOCHS-seed$seed" --seed $seed \
         --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}"
 done
-# the joint phase with a 10x lower decoder lr (seed 1 only, so far)
-rm -rf "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed1" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed1" "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed1"
-"$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-lr3e-5-e$EPOCHS-seed1" --seed 1 \
-      --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}" --joint-arg lr=3e-5
+# the same with a 10x lower decoder lr in the joint phase
+for seed in 0 1 2; do
+  rm -rf "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed$seed" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed$seed" "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed$seed"
+  "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-lr3e-5-e$EPOCHS-seed$seed" --seed $seed \
+        --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}" --joint-arg lr=3e-5
+done
