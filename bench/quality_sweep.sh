@@ -32,16 +32,16 @@ G=(--decode beam=1 --decode beam=3 --decode beam=5 --decode beam=5,alpha=0.7 --d
 "${Q[@]}" --min-word-count 3 --seed 1
 "${Q[@]}" --min-word-count 3 --seed 2
 for seed in 0 1 2; do "${Q[@]}" --train-arg hidden-size=256 --seed $seed; done
-# two joint epochs after each seed's baseline decoder (each on its own copy, which keeps the decoder run clean);
-# seed 0 ran as two 1-epoch sessions (--joint-resume), the others as one 2-epoch session: resumes are exact
-for seed in 0 1 2; do
-  rm -rf "$OUT/runs/joint-e$EPOCHS-seed$seed" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed$seed" "$OUT/runs/joint-e$EPOCHS-seed$seed"
-  "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-e$EPOCHS-seed$seed" --seed $seed \
-        --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}"
-done
+# two joint epochs after seed $1's baseline decoder, in run $2: a copy, which keeps the decoder run
+# clean; further arguments go to bench/quality.py. Seed 0's plain run was two 1-epoch sessions
+# (--joint-resume), the others one 2-epoch session: resumes are exact
+joint() {
+  local seed=$1 name=$2
+  shift 2
+  rm -rf "$OUT/runs/$name" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed$seed" "$OUT/runs/$name"
+  "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "$name" --seed "$seed" \
+        --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}" "$@"
+}
+for seed in 0 1 2; do joint $seed "joint-e$EPOCHS-seed$seed"; done
 # the same with a 10x lower decoder lr in the joint phase
-for seed in 0 1 2; do
-  rm -rf "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed$seed" && cp -r "$OUT/runs/decoder-e$EPOCHS-seed$seed" "$OUT/runs/joint-lr3e-5-e$EPOCHS-seed$seed"
-  "$PY" bench/quality.py "$DATA" --out "$OUT" --epochs "$EPOCHS" --keep-run --name "joint-lr3e-5-e$EPOCHS-seed$seed" --seed $seed \
-        --decode beam=3 --joint-minutes "${JOINT_MINUTES:-30}" --joint-epochs "${JOINT_EPOCHS:-2}" --joint-arg lr=3e-5
-done
+for seed in 0 1 2; do joint $seed "joint-lr3e-5-e$EPOCHS-seed$seed" --joint-arg lr=3e-5; done

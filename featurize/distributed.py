@@ -62,7 +62,7 @@ def process_group() -> Iterator[Dist]:
     """
     ctx = init_distributed()
     yield ctx
-    if ctx.active and dist.is_initialized():
+    if ctx.active:
         dist.barrier()
         dist.destroy_process_group()
 
