@@ -81,8 +81,8 @@ def prepare(source, workdir, hf_name, revision, image_column, caption_column, sp
 
     Example: python cli.py prepare data/synth --out data/work
     """
-    from store.prepare import prepare as run_prepare
-    from store.prepare import print_summary
+    from prepare.dataset import prepare as run_prepare
+    from prepare.dataset import print_summary
 
     report = run_prepare(
         source, workdir, hf=hf_name, revision=revision, image_column=image_column,
@@ -103,7 +103,7 @@ def synth(outdir, n, seed, size):
 
     Example: python cli.py synth data/synth --n 600 --seed 0
     """
-    from store.synth import make_synth
+    from prepare.synth import make_synth
 
     path = make_synth(outdir, n=n, seed=seed, size=size)
     console.print(f"wrote {n} images and their captions to {path}")
@@ -273,7 +273,7 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
 
     from decoder.captioning import caption_images, find_images, format_results
     from decoder.inference import load_captioner, resolve_checkpoint
-    from store.manifest import atomic_write_bytes
+    from store.files import atomic_write_bytes
 
     if run_dir is not None and checkpoint is not None:
         raise click.UsageError("give --run or --checkpoint, not both")

@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from store.rundir import RunDir
+
 console = Console()
 
 
@@ -61,7 +63,7 @@ def main() -> None:
     if a.joint_minutes > 0:
         step("joint session 1", ["train", "--run", str(run), "--phase", "joint", "--epochs", "1",
                                  "--max-minutes", str(a.joint_minutes), "--batch-size", "16"], t)
-        if (run / "checkpoints" / "last.pt").exists():
+        if RunDir(run).last.exists():
             step("joint session 2 (--resume)", ["train", "--run", str(run), "--phase", "joint", "--resume",
                                                 "--max-minutes", str(a.joint_minutes)], t)
     step("evaluate", ["evaluate", str(run), "--split", "test"], t)
@@ -84,7 +86,7 @@ def main() -> None:
         for row in csv.DictReader(f):
             table.add_row(Path(row["image"]).name, row["caption"] or f"[red]{row['error']}", references.get(row["image"], ""))
     console.print(table)
-    scores = json.loads((run / "eval" / "test.json").read_text())["scores"]
+    scores = json.loads(RunDir(run).eval_json("test").read_text())["scores"]
     metrics = Table(*scores, title="Test split (x100)")
     metrics.add_row(*(f"{100 * v:.1f}" for v in scores.values()))
     console.print(metrics)

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoder import data as D  # noqa: E402
 from decoder.model import Captioner, CaptionerConfig, caption_loss  # noqa: E402
 from decoder.train import FeatureData, TrainConfig  # noqa: E402
-from decoder.vocab import Vocabulary  # noqa: E402
 from featurize.encoder import build_inception  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
+from store.text import Vocabulary  # noqa: E402
 
 
 def decoder_epoch(store: FeatureStore, train: D.Pairs, val: D.Pairs, vocab: Vocabulary, workdir: Path) -> tuple[float, int]:

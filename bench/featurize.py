@@ -31,9 +31,9 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from featurize.encoder import build_inception  # noqa: E402
-from featurize.images import IMAGE_EXTENSIONS  # noqa: E402
 from featurize.pipeline import featurize  # noqa: E402
 from store.features import FeatureStore  # noqa: E402
+from store.images import IMAGE_EXTENSIONS  # noqa: E402
 from store.manifest import Record, write_manifest  # noqa: E402
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from store.rundir import RunDir  # noqa: E402
+
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
@@ -125,7 +127,7 @@ def epochs_summary(run_dir: Path) -> dict:
     """Decoder-phase epoch curve: best val CIDEr (greedy) and its epoch, seconds per epoch."""
     from store.runlog import read_rows
 
-    rows = [r for r in read_rows(run_dir / "metrics" / "epochs.csv") if r["phase"] == "decoder"]
+    rows = [r for r in read_rows(RunDir(run_dir).epochs_csv) if r["phase"] == "decoder"]
     if not rows:
         return {}
     out = {"epochs": len(rows), "s_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
@@ -238,7 +240,7 @@ def main() -> None:
         "featurize", str(workdir), "--weights", a.weights, "--crops", str(a.crops), "--resume", log=log)
 
     # 2. decoder phase
-    best = run_dir / "checkpoints" / "best.pt"
+    best = RunDir(run_dir).best
     if a.keep_run and best.exists():
         train_seconds = json.loads((run_dir / "bench_train.json").read_text())["seconds"] if (run_dir / "bench_train.json").exists() else 0.0
     else:
@@ -273,11 +275,11 @@ def main() -> None:
 
         from store.runlog import read_rows
 
-        last = run_dir / "checkpoints" / "last.pt"
+        last = RunDir(run_dir).last
         state = torch.load(last, map_location="cpu", weights_only=True)
-        batches = sum(r["phase"] == "joint" for r in read_rows(run_dir / "metrics" / "batches.csv"))
+        batches = sum(r["phase"] == "joint" for r in read_rows(RunDir(run_dir).batches_csv))
         in_epoch = state.get("batch_in_epoch", 0)
-        joint_epochs = [r for r in read_rows(run_dir / "metrics" / "epochs.csv") if r["phase"] == "joint"]
+        joint_epochs = [r for r in read_rows(RunDir(run_dir).epochs_csv) if r["phase"] == "joint"]
         if in_epoch:  # stopped mid-epoch: the checkpoint times the epoch so far
             s_per_batch = state["epoch_seconds"] / in_epoch
         elif joint_epochs:  # stopped at an epoch end: that epoch's time over its batches

@@ -1,1 +1,1 @@
-"""Vectors to words: the vocabulary, the LSTM captioner, decoding and the training loops."""
+"""Vectors to words: the LSTM captioner, search, the training phases on one skeleton, metrics, inference."""

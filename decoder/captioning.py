@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from decoder.inference import LoadedCaptioner, encode_photos, generate
-from featurize.images import IMAGE_EXTENSIONS
 from store.errors import UserError
+from store.images import IMAGE_EXTENSIONS
 
 
 @dataclass

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoder.vocab import Vocabulary
-from featurize.distributed import SINGLE, Dist, shard
+from store.distributed import SINGLE, Dist, shard
 from store.features import FeatureStore
 from store.manifest import Record
+from store.seeds import derive_seed
+from store.text import Vocabulary
 
 WINDOW_CHUNKS = 64
 
@@ -61,7 +62,7 @@ def pad_captions(captions: list[list[int]], pad_id: int = 0) -> torch.Tensor:
 
 def epoch_order(pairs: Pairs, epoch: int, seed: int, num_crops: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, crops): a permutation of pair indices and the crop each pair uses this epoch."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     chunk_of_pair = pairs.rows // chunk_rows
     chunks = np.unique(chunk_of_pair)
     chunks = chunks[torch.randperm(len(chunks), generator=g).numpy()]

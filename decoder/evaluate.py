@@ -20,8 +20,10 @@ import torch
 from decoder.inference import LoadedCaptioner, encode_photos, generate
 from decoder.metrics import score_captions
 from store.errors import UserError
-from store.features import FeatureStore
-from store.manifest import Record, atomic_write_bytes, read_manifest
+from store.features import FeatureStore, check_store_matches
+from store.files import atomic_write_bytes
+from store.manifest import Record, read_manifest
+from store.rundir import RunDir
 
 
 def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, tta: bool, workers: int = 2) -> tuple[list[int], torch.Tensor]:
@@ -32,8 +34,6 @@ def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, t
         feats, _ = encode_photos(loaded, [Path(records[i].path) for i in rows], tta=tta, workers=workers)
         kept = [rows[j] for j in sorted(feats)]
         return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
-    from decoder.train import check_store_matches
-
     with FeatureStore.open(Path(train_cfg["store"])) as store:
         check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
         done = np.asarray(store.done, dtype=bool)
@@ -63,13 +63,13 @@ def evaluate_run(
               "checkpoint": str(loaded.path), "epoch": loaded.state["epoch"], "phase": loaded.state["phase"],
               "scores": scores, "notes": notes}
     if write:
-        out = Path(run_dir) / "eval"
-        atomic_write_bytes(out / f"{split}.json", json.dumps(result, indent=2).encode())
+        run = RunDir(run_dir)
+        atomic_write_bytes(run.eval_json(split), json.dumps(result, indent=2).encode())
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["image", "caption", "references"])
         for i, hyp in zip(rows, hypotheses, strict=True):
             writer.writerow([records[i].path, hyp, " | ".join(records[i].captions)])
-        atomic_write_bytes(out / f"{split}_captions.csv", buf.getvalue().encode())
+        atomic_write_bytes(run.eval_captions(split), buf.getvalue().encode())
     result["captions"] = list(zip([records[i] for i in rows], hypotheses, strict=True))
     return result

@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from decoder.model import Captioner, CaptionerConfig
 from decoder.search import beam_search
-from decoder.vocab import Vocabulary
 from featurize.crops import CropPolicy
-from featurize.images import ImageError, open_image
 from featurize.pipeline import encode, prepare_for_inference
 from store.checkpoints import load_checkpoint
-from store.errors import UserError
-from store.runlog import latest_run
+from store.images import ImageError, open_image
+from store.rundir import RunDir
+from store.text import Vocabulary
 
 
 @dataclass
@@ -37,11 +36,7 @@ def resolve_checkpoint(run_dir: Path | None = None, checkpoint: Path | None = No
     """--checkpoint FILE, else RUNDIR's best.pt (or last.pt), else the latest run's."""
     if checkpoint is not None:
         return Path(checkpoint)
-    run_dir = Path(run_dir) if run_dir is not None else latest_run()
-    for name in ("best.pt", "last.pt"):
-        if (run_dir / "checkpoints" / name).exists():
-            return run_dir / "checkpoints" / name
-    raise UserError(f"{run_dir} has no checkpoints/best.pt or last.pt: train it first")
+    return (RunDir(run_dir) if run_dir is not None else RunDir.latest()).newest_checkpoint()
 
 
 def load_captioner(path: Path) -> LoadedCaptioner:
@@ -85,9 +80,7 @@ def inference_precision(state: dict) -> str:
 
 
 def crop_policy(state: dict) -> CropPolicy:
-    store = state.get("store", {})
-    return CropPolicy(resize=int(store.get("resize", 356)), crop=int(store.get("crop_size", 299)),
-                      num_crops=int(store.get("num_crops", 5)), seed=int(store.get("seed", 0)))
+    return CropPolicy.from_attrs(state.get("store", {}))
 
 
 class _ImageCrops(Dataset):

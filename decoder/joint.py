@@ -16,6 +16,7 @@ feature away from what the pretrained layers after them expect.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,20 +29,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from decoder import data as D
 from decoder.inference import build_encoder
-from decoder.loop import Fit, Outcome, Position, resume_from, run
+from decoder.loop import Fit, Outcome, Position
 from decoder.model import Captioner, CaptionerConfig
-from decoder.stopping import StopRequest
-from decoder.train import check_options_unchanged, check_store_matches, resolve_run, store_identity
-from decoder.vocab import Vocabulary
+from decoder.phase import Built, train_phase
 from featurize.crops import CropPolicy, to_float
-from featurize.distributed import Dist, barrier, broadcast_object, process_group, shard
-from featurize.images import open_image
 from featurize.pipeline import bf16_is_fast
-from store.checkpoints import load_checkpoint, load_resumable
+from store.checkpoints import load_checkpoint
+from store.distributed import Dist, shard
 from store.errors import UserError
-from store.features import FeatureStore
+from store.features import FeatureStore, check_store_matches, store_identity
+from store.images import open_image
 from store.manifest import Record, read_manifest
-from store.runlog import write_config
+from store.rundir import RunDir
+from store.seeds import derive_seed
+from store.text import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,6 @@ class JointConfig:
     precision: str = "auto"
     checkpoint_minutes: float = 10.0
     workers: int = 2
-
-
-CHANGEABLE_ON_RESUME = {"epochs", "checkpoint_minutes", "workers", "precision"}
 
 
 class JointNet(nn.Module):
@@ -107,7 +105,7 @@ class _TrainImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
         img = open_image(Path(self.records[self.pairs.rows[i]].path))
         return self.policy.random_crop(img, g), self.pairs.captions[i]
 
@@ -116,7 +114,7 @@ class _EpochBatches(Sampler):
     """The batches of one epoch from `start` on; the order is a function of (seed, epoch)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int, ctx: Dist):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(seed, epoch))
         self.order = torch.randperm(n, generator=g).tolist()
         self.batch_size, self.epoch, self.start, self.ctx = batch_size, epoch, start, ctx
 
@@ -189,82 +187,65 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if bf16_is_fast() else None
 
 
-def train_joint(
-    workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
-    options: dict, console: Console, weights: str | None = None,
-) -> Outcome:
-    with process_group() as ctx:  # left after the training's objects (DDP among them) are gone
-        return _train_joint(ctx, workdir, run_dir, resume, max_minutes, options, console)
+class JointPhase:
+    name = "joint"
+    options_key = "joint"
+    options_type = JointConfig
+    changeable_on_resume = frozenset({"epochs", "checkpoint_minutes", "workers", "precision"})
+    follows_a_run = True
 
-
-def _train_joint(ctx: Dist, workdir, run_dir, resume, max_minutes, options, console) -> Outcome:
-    threads = torch.get_num_threads()
-    console = console if ctx.is_main else Console(quiet=True)
-    run_dir = broadcast_object(ctx, resolve_run(run_dir, resume or run_dir is None) if ctx.is_main else None)
-    ckpt_dir = run_dir / "checkpoints"
-    if resume:
-        state, path = load_resumable(ckpt_dir)
-        if state["phase"] != "joint":
-            raise UserError(f"{path} is a {state['phase']}-phase checkpoint: start the joint phase without --resume")
-        check_options_unchanged(state["config"]["joint"], options)
-        cfg = JointConfig(**{**state["config"]["joint"], **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME and v is not None}})
-        console.print(f"resuming joint phase of {run_dir}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, step {state['step']}, CPU threads: {threads}")
-    else:
-        init = Path(options.get("init") or ckpt_dir / "best.pt")
+    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict, weights: str | None):
+        init = Path(options.get("init") or run.best)
         state = load_checkpoint(init)
-        if state["phase"] == "joint" and (ckpt_dir / "last.pt").exists() and init.parent == ckpt_dir:
-            raise UserError(f"{run_dir} is already in the joint phase: add --resume")
+        if state["phase"] == "joint" and run.last.exists() and init.parent == run.checkpoints:
+            raise UserError(f"{run} is already in the joint phase: add --resume")
         saved_train = state["config"]["train"]
         joint_opts = {k: v for k, v in options.items() if k in JointConfig.__dataclass_fields__ and v is not None}
         cfg = JointConfig(**{"workdir": str(workdir or saved_train["workdir"]), "store": saved_train["store"],
                              "seed": saved_train["seed"], "batch_size": saved_train["batch_size"],
                              "lr": saved_train["lr"], **joint_opts, "init": str(init)})
-        console.print(f"joint phase of {run_dir} from {init} (decoder epoch {state['epoch']}), CPU threads: {threads}")
+        return cfg, state
 
-    device = pick_device(ctx)
-    records = read_manifest(Path(cfg.workdir))
-    with FeatureStore.open(Path(cfg.store)) as store:
-        check_store_matches(store, state["store"], "the checkpoint")
-        usable = np.asarray(store.done, dtype=bool)
-        identity = store_identity(store)
-    vocab = Vocabulary(state["vocab"])
-    model_cfg = CaptionerConfig(**state["config"]["model"])
-    train_pairs = D.build_pairs(records, vocab, "train", usable)
-    val_pairs = D.build_pairs(records, vocab, "val", usable)
+    def build(self, ctx: Dist, run: RunDir, cfg: JointConfig, state: dict, stack: ExitStack) -> Built:
+        device = pick_device(ctx)
+        records = read_manifest(Path(cfg.workdir))
+        with FeatureStore.open(Path(cfg.store)) as store:
+            check_store_matches(store, state["store"], "the checkpoint")
+            usable = np.asarray(store.done, dtype=bool)
+            identity = store_identity(store)
+        vocab = Vocabulary(state["vocab"])
+        model_cfg = CaptionerConfig(**state["config"]["model"])
+        train_pairs = D.build_pairs(records, vocab, "train", usable)
+        val_pairs = D.build_pairs(records, vocab, "val", usable)
 
-    torch.manual_seed(cfg.seed)
-    captioner = Captioner(model_cfg)
-    captioner.load_state_dict(state["model"])
-    encoder = build_encoder({"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})})
-    net = JointNet(encoder, captioner, cfg.unfreeze, autocast_dtype(cfg.precision, device)).to(device)
-    optimizer = torch.optim.Adam([
-        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.cnn_lr},
-        {"params": captioner.parameters(), "lr": cfg.lr},
-    ])
-    config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
-    if resume:
-        pos = resume_from(state, optimizer, run_dir, ctx, console)
-    else:
-        # the joint phase continues the run's step count and must beat the decoder phase's best
+        captioner = Captioner(model_cfg)
+        captioner.load_state_dict(state["model"])
+        encoder = build_encoder({"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})})
+        net = JointNet(encoder, captioner, cfg.unfreeze, autocast_dtype(cfg.precision, device)).to(device)
+        optimizer = torch.optim.Adam([
+            {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.cnn_lr},
+            {"params": captioner.parameters(), "lr": cfg.lr},
+        ])
+        config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
+        # a fresh joint phase continues the run's step count and must beat the decoder phase's best
         # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)
         by_loss = state["config"]["train"].get("select_by", "loss") == "loss"
-        pos = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
-        if ctx.active:  # each rank its own dropout draws
-            torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank)
-        if ctx.is_main:
-            write_config(run_dir, {**config, "phase": "joint"})
-    policy = CropPolicy(resize=int(identity["resize"]), crop=int(identity["crop_size"]),
-                        num_crops=int(identity["num_crops"]), seed=int(identity["seed"]))
-    fit = Fit(
-        phase="joint", run_dir=run_dir, net=net, optimizer=optimizer,
-        data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device, ctx), epochs=cfg.epochs, dist=ctx,
-        train_net=DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active else None,
-        grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
-        checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
-                                   "config": config, "vocab": vocab.itos, "store": identity},
-    )
-    barrier(ctx)
-    with StopRequest(max_minutes) as stop:
-        outcome = run(fit, pos, stop, console)
-    outcome.run_dir = run_dir
-    return outcome
+        start = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
+        policy = CropPolicy.from_attrs(identity)
+        fit = Fit(
+            phase=self.name, run_dir=run.path, net=net, optimizer=optimizer,
+            data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device, ctx), epochs=cfg.epochs, dist=ctx,
+            train_net=DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active else None,
+            grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
+            checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
+                                       "config": config, "vocab": vocab.itos, "store": identity},
+        )
+        return Built(fit, config, start, f"joint phase of {run} from {cfg.init} (decoder epoch {state['epoch']})")
+
+
+def train_joint(
+    workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
+    options: dict, console: Console, weights: str | None = None,
+) -> Outcome:
+    return train_phase(JointPhase(), workdir, run_dir, resume=resume, max_minutes=max_minutes,
+                       options=options, console=console, weights=weights)

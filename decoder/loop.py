@@ -1,4 +1,4 @@
-"""The training loop shared by both phases: epochs, batches, checkpoints, logs, clean stops.
+"""The training loop shared by every phase: epochs, batches, checkpoints, logs, clean stops.
 
 A phase supplies the network, its data and what to save; the loop owns the rest. Its position
 (epoch, batch inside the epoch, global step), the optimizer, the global RNG (dropout) and the
@@ -29,8 +29,9 @@ from rich.text import Text
 
 from decoder.model import caption_loss
 from decoder.stopping import StopRequest
-from featurize.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from store.checkpoints import save_checkpoint
+from store.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
+from store.rundir import RunDir
 from store.runlog import RunLog, plot_run
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -208,10 +209,10 @@ def _checkpoint(fit: Fit, pos: Position, log: RunLog, best: bool = False) -> Non
         "rng_by_rank": rng_by_rank,
         "world_size": fit.dist.world_size,
     }
-    ckpt_dir = fit.run_dir / "checkpoints"
-    save_checkpoint(state, ckpt_dir / "last.pt", keep_previous=True)
+    run = RunDir(fit.run_dir)
+    save_checkpoint(state, run.last, keep_previous=True)
     if best:
-        save_checkpoint(state, ckpt_dir / "best.pt")
+        save_checkpoint(state, run.best)
 
 
 def restore_rng(state: dict, ctx: Dist, console: Console) -> None:

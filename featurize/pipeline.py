@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.inception import BasicConv2d
 
 from featurize.crops import CropPolicy, to_float
-from featurize.distributed import Dist, barrier, broadcast_object, process_group
 from featurize.encoder import ENCODER, FEATURE_DIM, build_inception, encoder_info, export_finetuned
-from featurize.images import ImageError, open_image
+from store.distributed import Dist, barrier, broadcast_object, process_group
 from store.errors import UserError
-from store.features import FeatureStore, StoreWriter, existing_attrs, store_path
+from store.features import FeatureStore, StoreWriter, existing_attrs, images_sha256, store_path
+from store.images import ImageError, open_image
 from store.manifest import manifest_sha256, read_manifest
 
 CROPS_PER_CHUNK = 160  # per chunk: ~12 MB of resized images from the workers, 43 MB of uint8 crops
@@ -78,7 +78,8 @@ def featurize(
     attrs = {
         **encoder_info(weights),
         **_store_attrs(policy, resolve_precision(precision, previous), chunk_rows or max(1, CROPS_PER_CHUNK // num_crops)),
-        "manifest_sha256": manifest_sha256(workdir),
+        "images_sha256": images_sha256([r.path for r in records]),
+        "manifest_sha256": manifest_sha256(workdir),  # provenance: which prepare run
         "num_rows": len(records),
         "batch_size": batch_size,  # provenance: the batches that produced these exact bits
     }

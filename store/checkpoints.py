@@ -8,13 +8,12 @@ later write) costs one checkpoint interval, not the run. Loading always uses
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from store.errors import UserError
-from store.manifest import fsync_dir, remove_stale_temporaries
+from store.files import safe_write
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase", "config", "vocab", "rng")
@@ -28,16 +27,10 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> Non
 def save_state_dict(state: dict, path: Path, keep_previous: bool = False) -> None:
     """torch.save through a temporary file, fsync and rename; a full disk is a one-line UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)  # left by a process killed while writing
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with safe_write(path, keep_previous=path.with_name("previous.pt") if keep_previous else None) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         # torch.save reports a failed write (a full disk) as a RuntimeError whose context is
         # the OSError; anything else (an unpicklable state, Ctrl-C) keeps its traceback
         cause = e if isinstance(e, OSError) else e.__context__
@@ -45,10 +38,6 @@ def save_state_dict(state: dict, path: Path, keep_previous: bool = False) -> Non
             raise
         kept = "; the previous checkpoint is intact" if path.exists() else ""
         raise UserError(f"could not write checkpoint {path}: {cause.strerror or cause}{kept}") from None
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name("previous.pt"))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -8,9 +8,10 @@
       done      bool    (N,)        the row's features are computed
       failed    utf-8   (N,)        why the image could not be read ("" when it could)
       attrs: schema_version, encoder, weights, weights_sha256, resize, crop_size, num_crops,
-             seed, flip, precision, chunk_rows, manifest_sha256, num_rows, dim (IDENTITY_KEYS:
+             seed, images_sha256, flip, precision, chunk_rows, num_rows, dim (IDENTITY_KEYS:
              a store that differs in one of them is another store), and provenance:
-             weights_path, batch_size, torch, torchvision, h5py, numpy, python
+             manifest_sha256, weights_path, batch_size, torch, torchvision, h5py, numpy, python
+             (stores from before images_sha256 are identified by manifest_sha256 instead)
 
 How a store is built, so that `kill -9` at any moment loses at most the chunk in flight:
 
@@ -38,6 +39,7 @@ by rename, a reader never sees a half-built store.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -50,15 +52,46 @@ import h5py
 import numpy as np
 
 from store.errors import UserError
-from store.manifest import atomic_write_bytes, fsync_dir
+from store.files import atomic_write_bytes, commit, safe_write
 
 SCHEMA_VERSION = 1
 FEATURES_DIR = "features"
-# Attributes that define what the features are; a store disagreeing on any of them is another store.
+# What the features mean: a run records these of the store it trained on, and refuses another store
+# that differs (another CNN, other crops, other images).
+FEATURE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "resize", "crop_size", "seed", "images_sha256")
+# What `featurize --resume` requires of an existing store: the meaning and also how the features were
+# computed and laid out. A store disagreeing on any of them is another store.
 IDENTITY_KEYS = (
-    "schema_version", "encoder", "weights", "weights_sha256", "resize", "crop_size", "num_crops",
-    "seed", "flip", "precision", "chunk_rows", "manifest_sha256", "num_rows", "dim",
+    "schema_version", *FEATURE_IDENTITY, "flip", "precision", "chunk_rows", "num_rows", "dim",
 )
+
+
+def images_sha256(paths: list[str]) -> str:
+    """The identity of a store's rows: its image paths in order. Not the manifest's hash, which
+    also covers the split and the captions, so that one store serves every split of its images
+    (the folds of a cross-validation, a re-split dataset)."""
+    return hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
+
+
+def store_identity(store: FeatureStore) -> dict:
+    """What a checkpoint records of its store: the identity it is checked against, where the CNN's
+    weights file is (so `caption` can rebuild the CNN from a PATH source) and the precision the
+    features were computed in (so `caption` computes new ones the same way)."""
+    attrs = {**store.attrs, "images_sha256": store.images_sha256}
+    return {**{k: attrs.get(k) for k in FEATURE_IDENTITY}, "manifest_sha256": attrs.get("manifest_sha256"),
+            "weights_path": attrs.get("weights_path", ""), "precision": attrs.get("precision", "fp32")}
+
+
+def check_store_matches(store: FeatureStore, expected: dict, what: str) -> None:
+    """A run trained on one store refuses another (other CNN, crops or images), naming the difference.
+
+    Checkpoints written before stores had `images_sha256` recorded the manifest's hash instead."""
+    have = store_identity(store)
+    keys = FEATURE_IDENTITY if "images_sha256" in expected else (*_without(FEATURE_IDENTITY, "images_sha256"), "manifest_sha256")
+    diffs = [f"{k}: {what} has {expected.get(k)!r}, store has {have.get(k)!r}"
+             for k in keys if k in expected and str(expected.get(k)) != str(have.get(k))]
+    if diffs:
+        raise UserError(f"{store.path} does not match {what} ({'; '.join(diffs)})")
 
 
 def store_path(workdir: Path, weights: str, encoder: str = "inception_v3") -> Path:
@@ -104,6 +137,10 @@ class FeatureStore:
         self.flipped: np.ndarray = file["flipped"][:]  # (N, K) bool
         reasons = file["failed"][:]
         self.failed: dict[int, str] = {int(i): reasons[i].decode("utf-8") for i in np.flatnonzero(reasons != b"")}
+
+    @property
+    def images_sha256(self) -> str:
+        return self.attrs.get("images_sha256") or images_sha256(self.paths)
 
     @classmethod
     def open(cls, path: Path) -> FeatureStore:
@@ -217,15 +254,11 @@ class StoreWriter:
             self.parts.mkdir(exist_ok=True)
             atomic_write_bytes(self.parts / "meta.json", json.dumps(self.attrs, sort_keys=True, indent=1).encode())
         final = self.parts / f"chunk_{chunk.index:06d}.npz"
-        tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with safe_write(final, tmp=final.with_suffix(".tmp")) as f:
             np.savez(
                 f, rows=chunk.rows, features=features.astype(np.float16), boxes=boxes.astype(np.int32),
                 flipped=flipped.astype(bool), failed=np.asarray(failed, dtype=str).reshape(n),
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
 
     def finish(self) -> Path:
         """Assemble store + shards into a new .h5, swap it in atomically, then drop the shards."""
@@ -241,9 +274,7 @@ class StoreWriter:
         finally:
             if old is not None:
                 old.close()
-        _fsync_file(tmp)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        commit(tmp, self.path)
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.path
 
@@ -297,12 +328,19 @@ class StoreWriter:
 
 
 def attr_differences(have: dict, want: dict) -> list[str]:
-    """'key: have (store) vs want (requested)' for every identity attribute that differs."""
+    """'key: have (store) vs want (requested)' for every identity attribute that differs.
+
+    A store from before `images_sha256` is compared on the manifest's hash, as it was then."""
+    keys = IDENTITY_KEYS if "images_sha256" in have else (*_without(IDENTITY_KEYS, "images_sha256"), "manifest_sha256")
     return [
         f"{key}: {have.get(key)!r} (store) vs {want.get(key)!r} (requested)"
-        for key in IDENTITY_KEYS
+        for key in keys
         if _plain(have.get(key)) != _plain(want.get(key))
     ]
+
+
+def _without(keys: tuple[str, ...], key: str) -> tuple[str, ...]:
+    return tuple(k for k in keys if k != key)
 
 
 def existing_attrs(path: Path) -> dict | None:
@@ -368,7 +406,3 @@ def _plain(value: object) -> object:
         return value.item()
     return value
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

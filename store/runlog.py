@@ -1,4 +1,4 @@
-"""The run directory: where runs live, its config, the per-batch and per-epoch CSVs and the plots.
+"""A run's metrics: the per-batch and per-epoch CSVs, and the plots drawn from them.
 
 CSV rows are appended as training goes; on resume, rows written after the checkpoint being
 resumed (work that will be redone) are cut away, so the logs of an interrupted run read like
@@ -8,48 +8,24 @@ those of an uninterrupted one.
 from __future__ import annotations
 
 import csv
-import json
-import time
 from pathlib import Path
 
 from store.errors import UserError
-from store.manifest import atomic_write_bytes
+from store.files import atomic_write_bytes
+from store.rundir import RunDir
 
-RUNS_ROOT = Path("runs")
 BATCH_FIELDS = ["phase", "epoch", "step", "loss"]
 EPOCH_FIELDS = ["phase", "epoch", "train_loss", "val_loss", "val_cider", "seconds", "step"]
-
-
-def new_run_dir(root: Path = RUNS_ROOT) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{stamp}-{n}"
-    return path
-
-
-def latest_run(root: Path = RUNS_ROOT) -> Path:
-    """The most recently modified run under `root` that has a checkpoint."""
-    runs = [p for p in Path(root).glob("*") if (p / "checkpoints").is_dir()]
-    if not runs:
-        raise UserError(f"no runs with checkpoints under {root}/: train one first (python cli.py train)")
-    return max(runs, key=lambda p: (p / "checkpoints").stat().st_mtime)
-
-
-def write_config(run_dir: Path, config: dict) -> None:
-    atomic_write_bytes(Path(run_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 class RunLog:
     """Appends metric rows to RUNDIR/metrics/{batches,epochs}.csv."""
 
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir) / "metrics"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.batches = self.dir / "batches.csv"
-        self.epochs = self.dir / "epochs.csv"
+    def __init__(self, run_dir: Path | RunDir):
+        run = RunDir(run_dir)
+        run.metrics.mkdir(parents=True, exist_ok=True)
+        self.batches = run.batches_csv
+        self.epochs = run.epochs_csv
 
     def truncate_after(self, phase: str, step: int) -> None:
         """Drop rows of `phase` logged after global step `step` (they are about to be redone)."""
@@ -92,19 +68,18 @@ def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir: Path | RunDir) -> list[Path]:
     """Loss of every batch, and train vs validation loss per epoch, as in the original report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    log = RunLog(run_dir)
-    batches, epochs = read_rows(log.batches), read_rows(log.epochs)
+    run = RunDir(run_dir)
+    batches, epochs = read_rows(run.batches_csv), read_rows(run.epochs_csv)
     if not batches and not epochs:
-        raise UserError(f"{run_dir} has no metrics to plot yet")
-    out_dir = run_dir / "plots"
+        raise UserError(f"{run} has no metrics to plot yet")
+    out_dir = run.plots
     out_dir.mkdir(exist_ok=True)
     written = []
     if batches:

@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 from decoder.metrics import score_captions
-from tests.helpers import run_cli
-
-TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
+from store.rundir import RunDir
+from tests.helpers import TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,10 @@ def test_metrics_on_known_inputs():
 def test_evaluate_writes_scores_and_captions(trained):
     out = run_cli("evaluate", trained, "--split", "val", "--beam", 2)
     assert "CIDEr-D" in out.stdout
-    result = json.loads((trained / "eval" / "val.json").read_text())
+    result = json.loads((RunDir(trained).eval_json("val")).read_text())
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(result["scores"])
     assert result["images"] > 0 and result["beam"] == 2
-    with open(trained / "eval" / "val_captions.csv") as f:
+    with open(RunDir(trained).eval_captions("val")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == result["images"] and all(r["caption"] for r in rows)
     assert not any(marker in r["caption"] for r in rows for marker in ("<start>", "<end>", "<pad>"))
@@ -52,7 +51,7 @@ def test_caption_features_of_a_photo_equal_its_stored_features(trained, featuriz
     from store.features import FeatureStore, find_store
     from store.manifest import read_manifest
 
-    loaded = load_captioner(trained / "checkpoints" / "best.pt")
+    loaded = load_captioner(RunDir(trained).best)
     assert inference_precision(loaded.state) == "fp32"  # the store's, recorded in the checkpoint
     records = read_manifest(featurized)[:6]
     features, errors = encode_photos(loaded, [featurized / r.path for r in records], workers=0)
@@ -85,7 +84,7 @@ def test_caption_formats_and_bad_files(trained, featurized, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["caption"] and rows[0]["error"] == ""
 
-    table = run_cli("caption", photos, "--checkpoint", trained / "checkpoints" / "last.pt", "--workers", 0)
+    table = run_cli("caption", photos, "--checkpoint", RunDir(trained).last, "--workers", 0)
     assert "one.png" in table.stdout
 
 
@@ -106,15 +105,36 @@ def test_a_run_refuses_a_store_from_another_dataset(trained, featurized, tmp_pat
     config = json.loads((trained / "config.json").read_text())
     assert config["train"]["workdir"] == str(featurized)
     out = run_cli("train", other, "--run", tmp_path / "r", *TINY, check=False)
-    assert out.returncode == 1 and "another manifest" in out.stderr
+    assert out.returncode == 1 and "built from other images" in out.stderr
+
+
+def test_a_store_serves_another_split_of_the_same_images(featurized, tmp_path):
+    """The split is not part of what the features depend on: a re-split manifest (as each fold of
+    a cross-validation writes) trains on the same store without featurizing again."""
+    other = tmp_path / "resplit"
+    shutil.copytree(featurized, other)
+    manifest = other / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["split"] = ("train", "train", "val", "test")[i % 4]
+    manifest.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    out = run_cli("train", other, "--run", tmp_path / "r", "--epochs", 1, *TINY)
+    assert "done" in out.stderr
 
 
 def test_checkpoint_store_identity_is_checked(featurized):
-    from decoder.train import check_store_matches
     from store.errors import UserError
-    from store.features import FeatureStore, find_store
+    from store.features import FeatureStore, check_store_matches, find_store, store_identity
 
     with FeatureStore.open(find_store(featurized)) as store:
-        check_store_matches(store, dict(store.attrs), "the run")  # its own identity passes
+        identity = store_identity(store)
+        check_store_matches(store, identity, "the run")  # its own identity passes
+        with pytest.raises(UserError, match="images_sha256: the run has 'abc'"):
+            check_store_matches(store, {**identity, "images_sha256": "abc"}, "the run")
+        with pytest.raises(UserError, match="crop_size: the run has 42"):
+            check_store_matches(store, {**identity, "crop_size": 42}, "the run")
+        # a checkpoint from before images_sha256 recorded the manifest's hash: still checked
+        old = {k: v for k, v in identity.items() if k != "images_sha256"}
+        check_store_matches(store, old, "the run")
         with pytest.raises(UserError, match="manifest_sha256: the run has 'abc'"):
-            check_store_matches(store, {**store.attrs, "manifest_sha256": "abc"}, "the run")
+            check_store_matches(store, {**old, "manifest_sha256": "abc"}, "the run")

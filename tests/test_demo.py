@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+from store.rundir import RunDir
 from tests.helpers import ROOT
 
 
@@ -14,5 +15,5 @@ def test_demo_runs_end_to_end(tmp_path):
     out = result.stdout
     for expected in ("Held-out synthetic images", "CIDEr-D", "Time per step", "joint session 2 (--resume)", "caption held-out images"):
         assert expected in out
-    assert (tmp_path / "run" / "plots" / "epoch_loss.png").exists()
-    assert (tmp_path / "run" / "eval" / "test.json").exists()
+    assert (RunDir(tmp_path / "run").plots / "epoch_loss.png").exists()
+    assert (RunDir(tmp_path / "run").eval_json("test")).exists()

@@ -12,12 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from featurize.distributed import process_group, sum_scalar
+from store.distributed import process_group, sum_scalar
 from store.features import FeatureStore, find_store
-from tests.helpers import ROOT, run_cli
+from store.rundir import RunDir
+from tests.helpers import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.slow
-TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8", "--dropout", "0"]
+NO_DROPOUT = [*TINY, "--dropout", "0"]
 
 
 def torchrun(*args, nproc=2):
@@ -49,19 +50,19 @@ def test_distributed_featurize_equals_single_process(featurized, tmp_path):
 
 def test_distributed_training_follows_the_single_process_trajectory(featurized, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_cli("train", featurized, "--run", single, "--epochs", 2, *TINY)
-    out = torchrun("train", featurized, "--run-dir", ddp, "--epochs", 2, *TINY)
+    run_cli("train", featurized, "--run", single, "--epochs", 2, *NO_DROPOUT)
+    out = torchrun("train", featurized, "--run-dir", ddp, "--epochs", 2, *NO_DROPOUT)
     assert out.stderr.count("done:") == 1  # rank 0 speaks for all
 
     def losses(run):
-        with open(run / "metrics" / "batches.csv") as f:
+        with open(RunDir(run).batches_csv) as f:
             return np.array([float(r["loss"]) for r in csv.DictReader(f)])
 
     a, b = losses(single), losses(ddp)
     # Same global batches, word-weighted loss: the same steps up to float summation order.
     assert len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-3)
-    pa = torch.load(single / "checkpoints" / "last.pt", weights_only=True)["model"]
-    pb = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    pa = torch.load(RunDir(single).last, weights_only=True)["model"]
+    pb = torch.load(RunDir(ddp).last, weights_only=True)
     assert pb["world_size"] == 2 and len(pb["rng_by_rank"]) == 2
     assert all(torch.allclose(pa[k], pb["model"][k], atol=1e-4) for k in pa)
 

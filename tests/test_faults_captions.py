@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from cli import main
 from store.manifest import MANIFEST_NAME, REPORT_NAME, read_manifest
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,15 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def prepare_cli(source: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["prepare", str(source), "--out", str(out),
                                      "--min-word-count", "1", *extra])
-
-
-def one_line_error(result) -> str:
-    """The single error line of a failed command (and proof that it is one line, no traceback)."""
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert lines[0].startswith("Error: ")
-    return lines[0]
 
 
 def captions_by_image(workdir: Path) -> dict[str, list[str]]:

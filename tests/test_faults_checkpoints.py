@@ -23,6 +23,7 @@ from cli import main
 from store.checkpoints import load_checkpoint, load_resumable, save_checkpoint
 from store.errors import UserError
 from store.manifest import MANIFEST_NAME, REPORT_NAME, VOCAB_NAME
+from store.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_keeps_last_and_previous_intact_and_says_why(small_disk):
-    folder = small_disk / "checkpoints"
+    folder = RunDir(small_disk).checkpoints
     save_checkpoint(state(1), folder / "last.pt", keep_previous=True)
     save_checkpoint(state(2), folder / "last.pt", keep_previous=True)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -151,7 +152,7 @@ def test_kill_9_while_saving_leaves_a_resumable_checkpoint(tmp_path, kills):
     """A process saves 8 MB checkpoints in a loop and is killed at random moments (one seed per
     kill, the same folder): each time load_resumable gives a complete checkpoint, the newest or
     the one before, and the next run goes on from it; abandoned temporaries are cleaned up."""
-    folder = tmp_path / "checkpoints"
+    folder = RunDir(tmp_path).checkpoints
     script = SAVER.format(root=str(ROOT))
     resumed_from = 0
     leftovers_seen = 0

@@ -1,4 +1,4 @@
-"""Bad and unusual image files, through the real loader (`featurize.images.open_image`) and
+"""Bad and unusual image files, through the real loader (`store.images.open_image`) and
 through `python cli.py prepare`: each one either loads upright and RGB with the right pixels, or
 is refused with a reason that lands in prepare_report.json while the run goes on."""
 
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from featurize.images import ImageError, is_image_path, open_image
+from store.images import ImageError, is_image_path, open_image
 from store.manifest import MANIFEST_NAME, REPORT_NAME, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ def test_decompression_bombs_are_refused_without_allocating_their_pixels(tmp_pat
     paths = [png_claiming_size(tmp_path / f"bomb{n}.png", n, n) for n in (9000, 20000)]
     script = (
         "import resource, sys\n"
-        "from featurize.images import ImageError, open_image\n"
+        "from store.images import ImageError, open_image\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"

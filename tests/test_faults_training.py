@@ -11,12 +11,10 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_cli
+from store.rundir import RunDir
+from tests.helpers import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.slow
-TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
-
-
 def kill_after_first_checkpoint(cmd: list[str], checkpoint, delay: float) -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -29,8 +27,8 @@ def kill_after_first_checkpoint(cmd: list[str], checkpoint, delay: float) -> Non
 
 
 def same_weights(a, b, keys=("model",)):
-    sa = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
-    sb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    sa = torch.load(RunDir(a).last, weights_only=True)
+    sb = torch.load(RunDir(b).last, weights_only=True)
     return sa["step"] == sb["step"] and all(
         torch.equal(sa[k][n], sb[k][n]) for k in keys for n in sa[k] if torch.is_tensor(sa[k][n]))
 
@@ -40,8 +38,8 @@ def test_kill_9_during_decoder_training_then_resume(featurized, tmp_path, seed):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli("train", featurized, "--run", straight, "--epochs", 4, *TINY)
     cmd = [sys.executable, str(ROOT / "cli.py"), "train", str(featurized), "--run", str(killed), "--epochs", "4", *TINY]
-    kill_after_first_checkpoint(cmd, killed / "checkpoints" / "last.pt", random.Random(seed).uniform(0, 1.5))
-    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)  # the file survived the kill whole
+    kill_after_first_checkpoint(cmd, RunDir(killed).last, random.Random(seed).uniform(0, 1.5))
+    state = torch.load(RunDir(killed).last, weights_only=True)  # the file survived the kill whole
     assert state["epoch"] >= 1
     run_cli("train", "--run", killed, "--resume")
     assert same_weights(straight, killed)
@@ -55,7 +53,7 @@ def test_kill_9_during_joint_training_then_resume(featurized, tmp_path):
     shutil.copytree(decoder, killed)
     joint = ["--phase", "joint", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--checkpoint-minutes", "0.02"]
     run_cli("train", "--run", straight, *joint)
-    last = killed / "checkpoints" / "last.pt"
+    last = RunDir(killed).last
     last.unlink()  # so that the first joint checkpoint is what we wait for
     cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--run", str(killed), *joint]
     kill_after_first_checkpoint(cmd, last, 1.0)

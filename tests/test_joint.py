@@ -15,9 +15,9 @@ from rich.console import Console
 from decoder.joint import JointNet, train_joint
 from decoder.model import Captioner, CaptionerConfig
 from featurize.encoder import build_inception
-from tests.helpers import ROOT, run_cli
+from store.rundir import RunDir
+from tests.helpers import ROOT, TINY, run_cli
 
-TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
 JOINT = {"epochs": 1, "batch_size": 8, "workers": 0, "cnn_lr": 1e-4}
 
 
@@ -61,21 +61,21 @@ def test_interrupted_joint_sessions_equal_an_uninterrupted_one(decoder_run, tmp_
     assert outcome.status.startswith("time limit") and outcome.position.batch == 1
     while outcome.status != "finished":  # one batch per session, resumed mid-epoch every time
         outcome = train_joint(None, stopped, resume=True, max_minutes=1e-9, options={}, console=quiet)
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    a = torch.load(RunDir(straight).last, weights_only=True)
+    b = torch.load(RunDir(stopped).last, weights_only=True)
     assert a["phase"] == b["phase"] == "joint" and a["step"] == b["step"]
     for key in ("model", "encoder"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key] if torch.is_tensor(a[key][k]))
     # the CNN really was fine-tuned
-    start = torch.load(decoder_run / "checkpoints" / "best.pt", weights_only=True)
+    start = torch.load(RunDir(decoder_run).best, weights_only=True)
     assert "encoder" not in start
     fresh = build_inception("none").state_dict()
     assert not torch.equal(fresh["Mixed_7c.branch1x1.conv.weight"], a["encoder"]["Mixed_7c.branch1x1.conv.weight"])
-    with open(stopped / "metrics" / "batches.csv") as f:
+    with open(RunDir(stopped).batches_csv) as f:
         rows = list(csv.DictReader(f))
     assert [r["phase"] for r in rows] == ["decoder"] * start["step"] + ["joint"] * (a["step"] - start["step"])
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
-    assert (stopped / "plots" / "batch_loss.png").exists()
+    assert (RunDir(stopped).plots / "batch_loss.png").exists()
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes(decoder_run, tmp_path):
@@ -83,7 +83,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes(decoder_run, tmp_path):
     cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--run", str(run), "--phase", "joint", "--epochs", "50",
            "--batch-size", "4", "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    batches = run / "metrics" / "batches.csv"
+    batches = RunDir(run).batches_csv
     decoder_rows = len(batches.read_text().splitlines())
     time.sleep(8)  # let it start and take a few joint steps
     assert proc.poll() is None
@@ -91,7 +91,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes(decoder_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped (SIGTERM)" in err and "--phase joint --resume" in err
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(RunDir(run).last, weights_only=True)
     assert state["phase"] == "joint" and "encoder" in state
     assert len(batches.read_text().splitlines()) > decoder_rows  # joint steps were logged
     out = run_cli("train", "--run", run, "--phase", "joint", "--resume", "--max-minutes", "1e-9")
@@ -99,11 +99,32 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes(decoder_run, tmp_path):
 
 
 def test_joint_checkpoint_captions_with_its_own_encoder(decoder_run, featurized, tmp_path):
+    """A joint checkpoint's photos go through its fine-tuned CNN, not the CNN the store was made
+    with: with the frozen CNN the features below would equal `frozen`, and the test fails."""
+    import dataclasses
+    import json
+
+    from decoder.inference import encode_photos, generate, load_captioner
+    from store.checkpoints import load_checkpoint, save_checkpoint
+
     run = copy_run(decoder_run, tmp_path, "run")
     train_joint(None, run, resume=False, max_minutes=1e-9, options=JOINT, console=Console(file=io.StringIO()))
+    state = load_checkpoint(RunDir(run).last)
+    g = torch.Generator().manual_seed(0)  # one step moves the CNN little: make the fine-tuning unmistakable
+    for name, weight in state["encoder"].items():
+        if name.startswith("Mixed_7c") and name.endswith("conv.weight"):
+            weight.add_(torch.randn(weight.shape, generator=g) * weight.std())
+    checkpoint = tmp_path / "fine-tuned.pt"
+    save_checkpoint(state, checkpoint)
+
     image = sorted((featurized.parent / "synth" / "images").glob("*.png"))[0]
-    out = run_cli("caption", image, "--checkpoint", run / "checkpoints" / "last.pt", "--format", "json", "--workers", 0)
-    assert '"caption"' in out.stdout
+    loaded = load_captioner(checkpoint)
+    tuned, _ = encode_photos(loaded, [image], workers=0)
+    without_cnn = dataclasses.replace(loaded, state={k: v for k, v in loaded.state.items() if k != "encoder"})
+    frozen, _ = encode_photos(without_cnn, [image], workers=0)
+    assert (tuned[0] - frozen[0]).abs().max() > 0.1 * frozen[0].abs().max()
+    out = run_cli("caption", image, "--checkpoint", checkpoint, "--format", "json", "--workers", 0)
+    assert json.loads(out.stdout)[0]["caption"] == generate(loaded, tuned[0][None])[0]
 
 
 def test_featurize_encoder_from_recaches_with_the_fine_tuned_cnn(decoder_run, featurized, tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decoder.vocab import SPECIALS, Vocabulary, normalize_caption, tokenize
+from prepare.dataset import caption_problem, degenerate_reason, prepare
 from store.manifest import read_manifest
-from store.prepare import caption_problem, degenerate_reason, prepare
+from store.text import SPECIALS, Vocabulary, normalize_caption, tokenize
 
 EXAMPLES = settings(max_examples=200, deadline=None)
 
@@ -37,7 +37,8 @@ separators = st.sampled_from([" ", "  ", "\t", "\n", ", ", ". ", "! ", " ... ", 
 
 
 def is_degenerate(tokens: list[str]) -> bool:
-    """The definition in design.md, written independently of store.prepare."""
+    """The rule prepare applies (a token three times in a row, or one word making up half a caption
+    of 4 or more), written independently of prepare.dataset."""
     three_in_a_row = any(tokens[i] == tokens[i + 1] == tokens[i + 2]
                          for i in range(len(tokens) - 2))
     dominant = len(tokens) >= 4 and 2 * max(Counter(tokens).values()) >= len(tokens)

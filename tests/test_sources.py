@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from prepare.sources import open_source
 from store.errors import UserError
-from store.sources import open_source
 
 
 def read(source, workdir=None, **options):

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
+from prepare.dataset import prepare
+from prepare.synth import COLOURS, SHAPES, make_synth
 from store.errors import UserError
 from store.manifest import read_manifest
-from store.prepare import prepare
-from store.synth import COLOURS, SHAPES, make_synth
 
 SIZE = 128
 COLOUR = "|".join(COLOURS)

@@ -17,32 +17,31 @@ from rich.console import Console
 from cli import main
 from decoder import data as D
 from decoder.train import FeatureData, TrainConfig, train_decoder
-from decoder.vocab import Vocabulary
 from store.features import FeatureStore, find_store
 from store.manifest import read_manifest
-from tests.helpers import ROOT, run_cli
-
-TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
+from store.rundir import RunDir
+from store.text import Vocabulary
+from tests.helpers import ROOT, TINY, run_cli
 
 
 def params(run_dir, name="last.pt"):
-    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
+    return torch.load(RunDir(run_dir).checkpoints / name, weights_only=True)["model"]
 
 
 def test_validation_loss_falls_and_logs_and_plots_are_written(featurized, tmp_path):
     run = tmp_path / "run"
     run_cli("train", featurized, "--run", run, "--epochs", 4, "--lr", "3e-3", *TINY)
-    with open(run / "metrics" / "epochs.csv") as f:
+    with open(RunDir(run).epochs_csv) as f:
         epochs = list(csv.DictReader(f))
     val = [float(r["val_loss"]) for r in epochs]
     assert len(val) == 4 and val[-1] < val[0]
-    with open(run / "metrics" / "batches.csv") as f:
+    with open(RunDir(run).batches_csv) as f:
         batches = list(csv.DictReader(f))
     assert [int(r["step"]) for r in batches] == list(range(1, len(batches) + 1))
     assert {r["phase"] for r in batches} == {"decoder"}
-    assert (run / "plots" / "batch_loss.png").stat().st_size > 0
-    assert (run / "plots" / "epoch_loss.png").stat().st_size > 0
-    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert (RunDir(run).plots / "batch_loss.png").stat().st_size > 0
+    assert (RunDir(run).plots / "epoch_loss.png").stat().st_size > 0
+    ckpt = torch.load(RunDir(run).best, weights_only=True)
     assert ckpt["phase"] == "decoder" and ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert (run / "config.json").exists()
 
@@ -71,7 +70,7 @@ def test_stops_mid_epoch_on_time_limit_and_resumes_exactly(featurized, tmp_path)
     assert sessions > 4
     a, b = params(straight), params(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with open(stopped / "metrics" / "batches.csv") as f:
+    with open(RunDir(stopped).batches_csv) as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == list(range(1, len(steps) + 1))  # every batch logged once, in order
 
@@ -82,14 +81,14 @@ def test_signal_stops_cleanly_with_a_checkpoint(featurized, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(featurized), "--run", str(run), "--epochs", "100000", *TINY],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "last.pt").exists():
+    while not RunDir(run).last.exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"stopped ({sig.name})" in err and "--resume" in err
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(RunDir(run).last, weights_only=True)
     assert state["step"] > 0
     resumed = run_cli("train", "--run", run, "--resume", "--epochs", state["epoch"] + 1)
     assert "resuming" in resumed.stderr

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decoder.vocab import SPECIALS, Vocabulary, normalize_caption, tokenize
 from store.errors import UserError
+from store.text import SPECIALS, Vocabulary, normalize_caption, tokenize
 
 
 def test_normalize_lowercases_strips_punctuation_and_collapses_whitespace():

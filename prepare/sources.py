@@ -12,7 +12,7 @@ Supported sources:
 
 Readers never judge captions or decode images: they only say which file a row points to, or
 why it points nowhere usable (a path escaping the dataset folder, a malformed line), so that
-`store.prepare` applies one set of cleaning rules to every format. Rows are streamed, so a
+`prepare.dataset` applies one set of cleaning rules to every format. Rows are streamed, so a
 large CSV or a 2 GB parquet dataset is never held in memory at once.
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from featurize.images import IMAGE_EXTENSIONS
 from store.errors import UserError
-from store.manifest import remove_stale_temporaries_in
+from store.files import remove_stale_temporaries_in
+from store.images import IMAGE_EXTENSIONS
 
 # Header names we recognise, normalised (lower case, runs of other characters -> "_"), in order
 # of preference: `text` (the human caption of the pexel dataset) beats `generated_caption`.
@@ -50,7 +50,7 @@ class Row:
     """One caption of one image, as the source gives it.
 
     `image` is the image's id (its path relative to the dataset folder) and `path` the absolute
-    path of the file, which may not exist: `store.prepare` checks that. `rule` and `reason` are
+    path of the file, which may not exist: `prepare.dataset` checks that. `rule` and `reason` are
     set when the reader already knows the row is unusable; `image` is then empty if the line
     itself could not be parsed.
     """

@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from store.errors import UserError
-from store.manifest import atomic_write_bytes
+from store.files import atomic_write_bytes
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -77,7 +77,7 @@ class Vocabulary:
         return words
 
     def save(self, path: Path) -> None:
-        from store.manifest import atomic_write_bytes
+        from store.files import atomic_write_bytes
 
         atomic_write_bytes(Path(path), json.dumps(self.itos, ensure_ascii=False, indent=0).encode())
 

@@ -2,7 +2,7 @@
 
     python cli.py prepare data/synth --out data/work --min-word-count 2
 
-Steps: read rows (`store.sources`), clean each caption, group captions by image, check that
+Steps: read rows (`prepare.sources`), clean each caption, group captions by image, check that
 every image decodes, split by image, build the vocabulary from train, write the report.
 No bad row stops the run: each dropped caption or image is listed in the report with its
 rule and reason. Only a source that yields nothing usable is a `UserError`.
@@ -22,20 +22,19 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from decoder.vocab import Vocabulary, tokenize
-from featurize.images import ImageError, open_image
+from prepare.sources import open_source
 from store.errors import UserError
+from store.files import atomic_write_bytes, fsync_dir, remove_stale_temporaries
+from store.images import ImageError, open_image
 from store.manifest import (
     MANIFEST_NAME,
     REPORT_NAME,
     SPLITS,
     VOCAB_NAME,
     Record,
-    atomic_write_bytes,
-    remove_stale_temporaries,
     write_manifest,
 )
-from store.sources import open_source
+from store.text import Vocabulary, tokenize
 
 REPEAT_RUN = 3  # a token this many times in a row makes a caption degenerate ("kettle kettle kettle")
 DOMINANT_MIN_TOKENS = 4  # from this length, one word making up half the caption is degenerate
@@ -216,11 +215,7 @@ def _write_outputs(workdir: Path, records: list[Record], vocab: Vocabulary, repo
     for name in (MANIFEST_NAME, VOCAB_NAME, REPORT_NAME):  # the report, last, marks a finished run
         os.replace(staging / name, workdir / name)
     staging.rmdir()
-    fd = os.open(workdir, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the renames durable
-    finally:
-        os.close(fd)
+    fsync_dir(workdir)  # make the renames durable
 
 
 def _entry(image: str, where: str, rule: str, reason: str, caption: str) -> dict:

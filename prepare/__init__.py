@@ -1,0 +1,1 @@
+"""Images and captions to a dataset: reading sources, cleaning, splitting, the vocabulary; the synthetic set."""

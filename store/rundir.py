@@ -1,0 +1,124 @@
+"""The run directory: one type that knows where a run keeps each of its files.
+
+    RUNDIR/config.json                 options of the latest phase started
+    RUNDIR/checkpoints/{last,previous,best}.pt
+    RUNDIR/metrics/{batches,epochs}.csv
+    RUNDIR/plots/*.png
+    RUNDIR/eval/<split>.json, <split>_captions.csv
+    RUNDIR/finetuned-<run>.pt          the joint phase's CNN, exported for featurize --encoder-from
+
+Every module asks a RunDir for a path instead of joining names, so the layout is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from store.errors import UserError
+from store.files import atomic_write_bytes
+
+RUNS_ROOT = Path("runs")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def previous(self) -> Path:
+        return self.checkpoints / "previous.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics"
+
+    @property
+    def batches_csv(self) -> Path:
+        return self.metrics / "batches.csv"
+
+    @property
+    def epochs_csv(self) -> Path:
+        return self.metrics / "epochs.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+    def eval_json(self, split: str) -> Path:
+        return self.eval / f"{split}.json"
+
+    def eval_captions(self, split: str) -> Path:
+        return self.eval / f"{split}_captions.csv"
+
+    @property
+    def finetuned(self) -> Path:
+        return self.path / f"finetuned-{self.name}.pt"
+
+    def has_checkpoint(self) -> bool:
+        """Whether there is something to resume: last.pt, or previous.pt if last.pt was lost."""
+        return self.last.exists() or self.previous.exists()
+
+    def newest_checkpoint(self) -> Path:
+        """best.pt, else last.pt: what `caption` and `evaluate` use."""
+        for path in (self.best, self.last):
+            if path.exists():
+                return path
+        raise UserError(f"{self.path} has no checkpoints/best.pt or last.pt: train it first")
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_bytes(self.config, json.dumps(config, indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def new(cls, root: Path = RUNS_ROOT) -> RunDir:
+        """runs/<timestamp>, with a suffix when two runs start in the same second."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / stamp
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{stamp}-{n}"
+        return cls(path)
+
+    @classmethod
+    def latest(cls, root: Path = RUNS_ROOT) -> RunDir:
+        """The most recently written run under `root` that has checkpoints."""
+        runs = [cls(p) for p in Path(root).glob("*") if cls(p).checkpoints.is_dir()]
+        if not runs:
+            raise UserError(f"no runs with checkpoints under {root}/: train one first (python cli.py train)")
+        return max(runs, key=lambda r: r.checkpoints.stat().st_mtime)

@@ -1,0 +1,79 @@
+"""The packages import each other in one direction: cli -> decoder -> featurize -> store, and
+cli -> prepare -> store. A cycle between top-level packages fails here, so the rule holds by itself."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+PACKAGES = ("store", "prepare", "featurize", "decoder", "legende")
+# Each package may import only those below it; `cli.py` and `bench/` sit above all of them.
+LAYER = {"store": 0, "prepare": 1, "featurize": 1, "decoder": 2, "legende": 3, "cli": 4}
+
+
+def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """{package: the other top-level packages it imports}, from every import statement in its
+    modules, those inside functions included (a lazy import is still a dependency)."""
+    graph: dict[str, set[str]] = {}
+    sources = [(p, f) for p in packages for f in sorted((root / p).rglob("*.py"))]
+    if (root / "cli.py").is_file():
+        sources.append(("cli", root / "cli.py"))
+    for package, path in sources:
+        targets = graph.setdefault(package, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            targets.update(top for name in names if (top := name.split(".")[0]) in graph or top in packages)
+        targets.discard(package)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A list of packages that import each other in a loop (first == last), or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_packages():
+    graph = import_graph(ROOT)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_every_package_imports_only_packages_below_it():
+    for package, targets in import_graph(ROOT).items():
+        upward = sorted(t for t in targets if LAYER[t] >= LAYER[package])
+        assert not upward, f"{package} imports {upward}, which are not below it"
+
+
+def test_a_reintroduced_cycle_is_found(tmp_path):
+    """The check parses real files: a lazy import from store back up into decoder is a cycle."""
+    for package, body in {
+        "store": "def f():\n    from decoder.model import Captioner\n",
+        "featurize": "from store import files\n",
+        "decoder": "import featurize.crops\nfrom store.files import safe_write\n",
+    }.items():
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "m.py").write_text(body)
+    cycle = find_cycle(import_graph(tmp_path, ("store", "featurize", "decoder")))
+    assert cycle is not None and cycle[0] == cycle[-1] and {"store", "decoder"} <= set(cycle)
