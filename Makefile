@@ -43,6 +43,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The slower end-to-end tests: kill -9 of real training and featurize processes, torchrun.
 test-slow: $(STAMP)

@@ -40,15 +40,18 @@ def user_errors(fn):
     return wrapper
 
 
-workdir_argument = click.argument(
-    "workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, required=False
-)
+workdir_argument = click.argument("workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, required=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="LEGENDE_THREADS",
-              help="CPU threads for torch (default: torch's, one per core). Give each process 1 when "
-                   "several share a machine: oversubscribed cores slow training more than 10x.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="LEGENDE_THREADS",
+    help="CPU threads for torch (default: torch's, one per core). Give each process 1 when "
+    "several share a machine: oversubscribed cores slow training more than 10x.",
+)
 def main(threads: int | None) -> None:
     """légende: CPU-first image captioning (Inception v3 features + LSTM decoder)."""
     if threads:
@@ -63,7 +66,13 @@ def main(threads: int | None) -> None:
 
 @main.command()
 @click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.option("--out", "workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, help="Where the manifest, vocab and report go.")
+@click.option(
+    "--out",
+    "workdir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_WORKDIR,
+    help="Where the manifest, vocab and report go.",
+)
 @click.option("--hf", "hf_name", default=None, help="A Hugging Face dataset id to fetch instead of SOURCE.")
 @click.option("--revision", default=None, help="Revision (branch, tag, commit) of the --hf dataset.")
 @click.option("--image-column", default=None, help="CSV/parquet column holding image paths.")
@@ -85,9 +94,17 @@ def prepare(source, workdir, hf_name, revision, image_column, caption_column, sp
     from prepare.dataset import print_summary
 
     report = run_prepare(
-        source, workdir, hf=hf_name, revision=revision, image_column=image_column,
-        caption_column=caption_column, split=split, seed=seed,
-        min_word_count=min_word_count, max_length=max_length, console=console,
+        source,
+        workdir,
+        hf=hf_name,
+        revision=revision,
+        image_column=image_column,
+        caption_column=caption_column,
+        split=split,
+        seed=seed,
+        min_word_count=min_word_count,
+        max_length=max_length,
+        console=console,
     )
     print_summary(report, console)
 
@@ -123,12 +140,37 @@ def synth(outdir, n, seed, size):
 @click.option("--seed", default=0, help="Seed of the random crops.")
 @click.option("--resume", is_flag=True, help="Continue a store, never recomputing done rows.")
 @click.option("--overwrite", is_flag=True, help="Rebuild a store whose settings differ.")
-@click.option("--encoder-from", type=click.Path(path_type=Path), default=None, help="Use the fine-tuned CNN of this joint-phase run.")
-@click.option("--chunk-rows", type=int, default=None, help="Images per stored chunk, the work an interruption can lose [default: 160 crops' worth].")
+@click.option(
+    "--encoder-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Use the fine-tuned CNN of this joint-phase run.",
+)
+@click.option(
+    "--chunk-rows",
+    type=int,
+    default=None,
+    help="Images per stored chunk, the work an interruption can lose [default: 160 crops' worth].",
+)
 @click.option("--resize", default=356, help="Side the image is resized to before cropping.")
 @click.option("--crop-size", default=299, help="Side of each crop (Inception v3 needs at least 75).")
 @user_errors
-def featurize(workdir, weights, crops, batch_size, precision, workers, flip, seed, resume, overwrite, encoder_from, chunk_rows, resize, crop_size):
+def featurize(
+    workdir,
+    weights,
+    crops,
+    batch_size,
+    precision,
+    workers,
+    flip,
+    seed,
+    resume,
+    overwrite,
+    encoder_from,
+    chunk_rows,
+    resize,
+    crop_size,
+):
     """Run the CNN over K crops of every image and store the vectors in HDF5.
 
     An interrupted run (Ctrl-C, kill, power cut) keeps its finished chunks; --resume completes
@@ -142,9 +184,21 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
     from featurize.pipeline import featurize as run_featurize
 
     path = run_featurize(
-        workdir, weights=weights, num_crops=crops, batch_size=batch_size, precision=precision,
-        workers=workers, flip=flip, seed=seed, resume=resume, overwrite=overwrite,
-        encoder_from=encoder_from, console=console, chunk_rows=chunk_rows, resize=resize, crop_size=crop_size,
+        workdir,
+        weights=weights,
+        num_crops=crops,
+        batch_size=batch_size,
+        precision=precision,
+        workers=workers,
+        flip=flip,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        encoder_from=encoder_from,
+        console=console,
+        chunk_rows=chunk_rows,
+        resize=resize,
+        crop_size=crop_size,
     )
     console.print(f"features in {path}")
 
@@ -154,8 +208,21 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 
 @main.command()
 @click.argument("workdir", type=click.Path(path_type=Path), required=False)
-@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None, help="Run directory (--run-dir under torchrun, whose own --run-path swallows --run) [default: new runs/<timestamp>; with --resume, the latest run].")
-@click.option("--phase", type=click.Choice(["decoder", "joint"]), default="decoder", help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images.")
+@click.option(
+    "--run",
+    "--run-dir",
+    "run_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory (--run-dir under torchrun, whose own --run-path swallows --run) "
+    "[default: new runs/<timestamp>; with --resume, the latest run].",
+)
+@click.option(
+    "--phase",
+    type=click.Choice(["decoder", "joint"]),
+    default="decoder",
+    help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
 @click.option("--epochs", type=int, default=None, help="Epochs in total for this phase [default: 40 decoder, 1 joint].")
@@ -165,17 +232,47 @@ def featurize(workdir, weights, crops, batch_size, precision, workers, flip, see
 @click.option("--embed-size", type=int, default=None, help="Word and image embedding size [default: 256].")
 @click.option("--hidden-size", type=int, default=None, help="LSTM hidden size [default: 512].")
 @click.option("--num-layers", type=int, default=None, help="LSTM layers [default: 1].")
-@click.option("--image-as", type=click.Choice(["input", "state"]), default=None, help="Image as the LSTM's first input or its initial state [default: input].")
+@click.option(
+    "--image-as",
+    type=click.Choice(["input", "state"]),
+    default=None,
+    help="Image as the LSTM's first input or its initial state [default: input].",
+)
 @click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
-@click.option("--select-by", type=click.Choice(["loss", "cider"]), default=None, help="Validation score that picks best.pt [default: loss].")
-@click.option("--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM.")
-@click.option("--weights", default=None, help="Which feature store of WORKDIR to train on, by weights name [default: the only one].")
-@click.option("--init", type=click.Path(path_type=Path), default=None, help="Joint: decoder checkpoint to start from [default: RUNDIR/checkpoints/best.pt].")
-@click.option("--unfreeze", default=None, help="Joint: first CNN block to fine-tune, e.g. Mixed_6a [default: the whole CNN].")
+@click.option(
+    "--select-by",
+    type=click.Choice(["loss", "cider"]),
+    default=None,
+    help="Validation score that picks best.pt [default: loss].",
+)
+@click.option(
+    "--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM."
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Which feature store of WORKDIR to train on, by weights name [default: the only one].",
+)
+@click.option(
+    "--init",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Joint: decoder checkpoint to start from [default: RUNDIR/checkpoints/best.pt].",
+)
+@click.option(
+    "--unfreeze", default=None, help="Joint: first CNN block to fine-tune, e.g. Mixed_6a [default: the whole CNN]."
+)
 @click.option("--cnn-lr", type=float, default=None, help="Joint: learning rate of the CNN [default: 1e-5].")
-@click.option("--checkpoint-minutes", type=float, default=None, help="Joint: also checkpoint mid-epoch this often [default: 10].")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None, help="Joint: bf16 autocast where supported [default: auto].")
+@click.option(
+    "--checkpoint-minutes", type=float, default=None, help="Joint: also checkpoint mid-epoch this often [default: 10]."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default=None,
+    help="Joint: bf16 autocast where supported [default: auto].",
+)
 @click.option("--workers", type=int, default=None, help="Joint: DataLoader processes decoding images [default: 2].")
 @user_errors
 def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
@@ -189,7 +286,9 @@ def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
         from decoder.joint import train_joint as train_phase
     else:
         train_phase = train_decoder
-    outcome = train_phase(workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights)
+    outcome = train_phase(
+        workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights
+    )
     pos = outcome.position
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
@@ -225,7 +324,12 @@ def plot(run_dir):
 @click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
 @click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
 @click.option("--tta/--center", default=False, help="Average the features of the K crops, or use the centre crop.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].",
+)
 @user_errors
 def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of a run on a split [default RUNDIR: latest run].
@@ -252,7 +356,13 @@ def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
 
 @main.command()
 @click.argument("target", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="Run whose best.pt to use [default: latest run].")
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run whose best.pt to use [default: latest run].",
+)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="A checkpoint file instead of --run.")
 @click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
 @click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
@@ -286,7 +396,9 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
         table = Table("image", "caption")
         base = target if target.is_dir() else target.parent
         for r in results:
-            table.add_row(str(Path(r.image).relative_to(base)), r.caption if r.error is None else f"[red]error: {r.error}[/]")
+            table.add_row(
+                str(Path(r.image).relative_to(base)), r.caption if r.error is None else f"[red]error: {r.error}[/]"
+            )
         Console().print(table)
     elif out is not None:
         atomic_write_bytes(out, format_results(results, fmt).encode())

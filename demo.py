@@ -57,15 +57,48 @@ def main() -> None:
     started = time.monotonic()
     step("synthetic scenes", ["synth", str(synth), "--n", str(a.n), "--seed", "0"], t)
     step("prepare", ["prepare", str(synth), "--out", str(work), "--min-word-count", "2"], t)
-    step("featurize", ["featurize", str(work), "--weights", a.weights, "--crops", str(a.crops), "--resume",
-                       "--crop-size", str(a.crop_size), "--resize", str(round(a.crop_size * 356 / 299))], t)
+    step(
+        "featurize",
+        [
+            "featurize",
+            str(work),
+            "--weights",
+            a.weights,
+            "--crops",
+            str(a.crops),
+            "--resume",
+            "--crop-size",
+            str(a.crop_size),
+            "--resize",
+            str(round(a.crop_size * 356 / 299)),
+        ],
+        t,
+    )
     step("train decoder", ["train", str(work), "--run", str(run), "--epochs", str(a.epochs)], t)
     if a.joint_minutes > 0:
-        step("joint session 1", ["train", "--run", str(run), "--phase", "joint", "--epochs", "1",
-                                 "--max-minutes", str(a.joint_minutes), "--batch-size", "16"], t)
+        step(
+            "joint session 1",
+            [
+                "train",
+                "--run",
+                str(run),
+                "--phase",
+                "joint",
+                "--epochs",
+                "1",
+                "--max-minutes",
+                str(a.joint_minutes),
+                "--batch-size",
+                "16",
+            ],
+            t,
+        )
         if RunDir(run).last.exists():
-            step("joint session 2 (--resume)", ["train", "--run", str(run), "--phase", "joint", "--resume",
-                                                "--max-minutes", str(a.joint_minutes)], t)
+            step(
+                "joint session 2 (--resume)",
+                ["train", "--run", str(run), "--phase", "joint", "--resume", "--max-minutes", str(a.joint_minutes)],
+                t,
+            )
     step("evaluate", ["evaluate", str(run), "--split", "test"], t)
 
     held_out = a.root / "held_out"
@@ -79,12 +112,18 @@ def main() -> None:
             shutil.copy(rec["path"], dest)
             references[str(dest)] = rec["captions"][0]
     out = a.root / "held_out_captions.csv"
-    step("caption held-out images", ["caption", str(held_out), "--run", str(run), "--format", "csv", "--out", str(out)], t)
+    step(
+        "caption held-out images",
+        ["caption", str(held_out), "--run", str(run), "--format", "csv", "--out", str(out)],
+        t,
+    )
 
     table = Table("image", "generated caption", "a reference caption", title="Held-out synthetic images")
     with open(out, newline="") as f:
         for row in csv.DictReader(f):
-            table.add_row(Path(row["image"]).name, row["caption"] or f"[red]{row['error']}", references.get(row["image"], ""))
+            table.add_row(
+                Path(row["image"]).name, row["caption"] or f"[red]{row['error']}", references.get(row["image"], "")
+            )
     console.print(table)
     scores = json.loads(RunDir(run).eval_json("test").read_text())["scores"]
     metrics = Table(*scores, title="Test split (x100)")

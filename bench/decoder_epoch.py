@@ -31,7 +31,9 @@ from store.manifest import read_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
 
 
-def decoder_epoch(store: FeatureStore, train: D.Pairs, val: D.Pairs, vocab: Vocabulary, workdir: Path) -> tuple[float, int]:
+def decoder_epoch(
+    store: FeatureStore, train: D.Pairs, val: D.Pairs, vocab: Vocabulary, workdir: Path
+) -> tuple[float, int]:
     torch.manual_seed(0)
     model = Captioner(CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim))
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
@@ -81,9 +83,15 @@ def main() -> None:
         cached, n_batches = decoder_epoch(store, train, val, vocab, a.workdir)
     per_batch = end_to_end_batches(records, train, vocab, a.sample_batches)
     e2e = per_batch * n_batches
-    print(f"dataset: {a.workdir} ({len(train)} train captions, {n_batches} batches of 32), torch threads {torch.get_num_threads()}")
+    print(
+        f"dataset: {a.workdir} ({len(train)} train captions, {n_batches} batches of 32), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"decoder epoch on cached features: {cached:8.2f} s")
-    print(f"end-to-end epoch, original way:   {e2e:8.1f} s  ({per_batch:.2f} s/batch x {n_batches}, from {a.sample_batches} batches)")
+    print(
+        f"end-to-end epoch, original way:   {e2e:8.1f} s  "
+        f"({per_batch:.2f} s/batch x {n_batches}, from {a.sample_batches} batches)"
+    )
     print(f"ratio: {e2e / cached:.0f}x faster per epoch")
 
 

@@ -91,8 +91,14 @@ def pipelined(paths: list[Path], workdir: Path, args: argparse.Namespace) -> tup
     """(seconds, centre-crop features (N, D), precision) of one `featurize` call."""
     write_manifest(workdir, [Record(id=p.stem, path=str(p), split="train", captions=["x"]) for p in paths])
     start = time.perf_counter()
-    store = featurize(workdir, weights=args.weights, num_crops=args.crops, batch_size=args.batch_size,
-                      precision=args.precision, workers=args.workers)
+    store = featurize(
+        workdir,
+        weights=args.weights,
+        num_crops=args.crops,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        workers=args.workers,
+    )
     seconds = time.perf_counter() - start
     with FeatureStore.open(store) as s:
         return seconds, s.read(slice(None))[:, 0].astype(np.float32), s.attrs["precision"]
@@ -107,13 +113,22 @@ def main(args: argparse.Namespace) -> None:
             (tmp / "images").mkdir()
             paths = synthetic_photos(tmp / "images", args.n)
         n_crops = len(paths) * args.crops
-        print(f"{len(paths)} images x {args.crops} crops, weights {args.weights}, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+        print(
+            f"{len(paths)} images x {args.crops} crops, weights {args.weights}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+            flush=True,
+        )
         t_naive, f_naive = naive(paths, args.weights, args.crops)
-        print(f"naive    (torchvision transforms, fp32 NCHW, 1 crop per forward): {n_crops / t_naive:6.1f} crops/s  ({t_naive:.1f} s)", flush=True)
+        print(
+            f"naive    (torchvision transforms, fp32 NCHW, 1 crop per forward): "
+            f"{n_crops / t_naive:6.1f} crops/s  ({t_naive:.1f} s)",
+            flush=True,
+        )
         t_pipe, f_pipe, precision = pipelined(paths, tmp / "work", args)
-        print(f"featurize ({precision}, batch {args.batch_size}, channels_last, {args.workers} workers):   "
-              f"{n_crops / t_pipe:6.1f} crops/s  ({t_pipe:.1f} s)")
+        print(
+            f"featurize ({precision}, batch {args.batch_size}, channels_last, {args.workers} workers):   "
+            f"{n_crops / t_pipe:6.1f} crops/s  ({t_pipe:.1f} s)"
+        )
         print(f"speed-up: {t_naive / t_pipe:.2f}x")
         cosine = F.cosine_similarity(torch.from_numpy(f_naive), torch.from_numpy(f_pipe), dim=1)
         print(f"centre-crop features, featurize vs naive: cosine min {cosine.min():.5f}")

@@ -36,12 +36,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         subprocess.run([*cli, "synth", str(tmp / "synth"), "--n", str(a.n)], check=True, capture_output=True)
-        subprocess.run([*cli, "prepare", str(tmp / "synth"), "--out", str(tmp / "one"), "--min-word-count", "1"], check=True, capture_output=True)
+        subprocess.run(
+            [*cli, "prepare", str(tmp / "synth"), "--out", str(tmp / "one"), "--min-word-count", "1"],
+            check=True,
+            capture_output=True,
+        )
         shutil.copytree(tmp / "one", tmp / "many")
         args = ["--weights", a.weights, "--crops", str(a.crops)]
         one = timed([*cli, "featurize", str(tmp / "one"), *args])
-        many = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
-                      str(ROOT / "cli.py"), "featurize", str(tmp / "many"), *args])
+        many = timed(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(a.nproc),
+                str(ROOT / "cli.py"),
+                "featurize",
+                str(tmp / "many"),
+                *args,
+            ]
+        )
     crops = a.n * a.crops
     print(f"{a.n} images x {a.crops} crops, {a.weights} weights, wall time including start-up")
     print(f"1 process:            {one:7.1f} s  ({crops / one:.1f} crops/s)")

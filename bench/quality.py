@@ -47,31 +47,71 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/quality"), help="work folder (default: data/quality)")
     p.add_argument("--quick", action="store_true", help="3 epochs and a 1-minute joint session")
     p.add_argument("--hf", action="store_true", help="DATA is a Hugging Face dataset id")
-    p.add_argument("--workdir", type=Path, default=None, help="prepared workdir (default: OUT/work, or OUT/work-mwcN with --min-word-count N)")
-    p.add_argument("--min-word-count", type=int, default=None, help="prepare's --min-word-count (default: prepare's own)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="prepared workdir (default: OUT/work, or OUT/work-mwcN with --min-word-count N)",
+    )
+    p.add_argument(
+        "--min-word-count", type=int, default=None, help="prepare's --min-word-count (default: prepare's own)"
+    )
     p.add_argument("--image-column", default=None)
     p.add_argument("--caption-column", default=None)
     p.add_argument("--crops", type=int, default=5, help="featurize --crops (default: 5)")
     p.add_argument("--weights", default="google2015", help="featurize --weights (default: google2015)")
     p.add_argument("--name", default=None, help="run name under OUT/runs (default: from the options)")
     p.add_argument("--epochs", type=int, default=None, help="decoder epochs (default: 20; --quick: 3)")
-    p.add_argument("--select-by", default="cider", choices=["loss", "cider"], help="what picks best.pt (default: cider)")
+    p.add_argument(
+        "--select-by", default="cider", choices=["loss", "cider"], help="what picks best.pt (default: cider)"
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra `cli.py train` option, e.g. hidden-size=1024 or image-as=state (repeatable)")
-    p.add_argument("--decode", action="append", default=None, metavar="SPEC",
-                   help="decoding setting to score, e.g. beam=3 or beam=5,alpha=0.7,tta (repeatable; default: beam=3)")
-    p.add_argument("--joint-minutes", type=float, default=None, help="joint session length; 0 skips it (default: 8; --quick: 1)")
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `cli.py train` option, e.g. hidden-size=1024 or image-as=state (repeatable)",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="decoding setting to score, e.g. beam=3 or beam=5,alpha=0.7,tta (repeatable; default: beam=3)",
+    )
+    p.add_argument(
+        "--joint-minutes", type=float, default=None, help="joint session length; 0 skips it (default: 8; --quick: 1)"
+    )
     p.add_argument("--joint-batch-size", type=int, default=16, help="joint --batch-size (default: 16)")
-    p.add_argument("--joint-decode", default=None, metavar="SPEC", help="decoding setting of the joint row (default: the first --decode)")
+    p.add_argument(
+        "--joint-decode",
+        default=None,
+        metavar="SPEC",
+        help="decoding setting of the joint row (default: the first --decode)",
+    )
     p.add_argument("--joint-epochs", type=int, default=None, help="joint --epochs (default: train's own, 1)")
-    p.add_argument("--joint-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra joint-phase `cli.py train` option, e.g. lr=3e-5 or unfreeze=Mixed_6a (repeatable)")
-    p.add_argument("--joint-resume", action="store_true",
-                   help="continue the run's joint phase (train --resume) instead of starting it: a second session")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of every step (OMP_NUM_THREADS); 1 is steadier on a machine others are using")
-    p.add_argument("--keep-run", action="store_true", help="reuse OUT/runs/NAME if it has a decoder best.pt instead of retraining")
+    p.add_argument(
+        "--joint-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra joint-phase `cli.py train` option, e.g. lr=3e-5 or unfreeze=Mixed_6a (repeatable)",
+    )
+    p.add_argument(
+        "--joint-resume",
+        action="store_true",
+        help="continue the run's joint phase (train --resume) instead of starting it: a second session",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of every step (OMP_NUM_THREADS); 1 is steadier on a machine others are using",
+    )
+    p.add_argument(
+        "--keep-run", action="store_true", help="reuse OUT/runs/NAME if it has a decoder best.pt instead of retraining"
+    )
     return p
 
 
@@ -107,7 +147,9 @@ def cli(*args: str, log: Path) -> float:
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-5:]
-        raise SystemExit(f"`cli.py {args[0]}` failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+        raise SystemExit(
+            f"`cli.py {args[0]}` failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail)
+        )
     return seconds
 
 
@@ -130,14 +172,20 @@ def epochs_summary(run_dir: Path) -> dict:
     rows = [r for r in read_rows(RunDir(run_dir).epochs_csv) if r["phase"] == "decoder"]
     if not rows:
         return {}
-    out = {"epochs": len(rows), "s_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
-           "min_val_loss": min(float(r["val_loss"]) for r in rows),
-           "min_val_loss_epoch": min(rows, key=lambda r: float(r["val_loss"]))["epoch"]}
+    out = {
+        "epochs": len(rows),
+        "s_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
+        "min_val_loss": min(float(r["val_loss"]) for r in rows),
+        "min_val_loss_epoch": min(rows, key=lambda r: float(r["val_loss"]))["epoch"],
+    }
     cider = [(float(r["val_cider"]), int(r["epoch"])) for r in rows if r.get("val_cider")]
     if cider:
         best = max(cider)
-        out.update(best_greedy_cider=round(100 * best[0], 2), best_epoch=best[1],
-                   greedy_cider_curve=[round(100 * c, 1) for c, _ in cider])
+        out.update(
+            best_greedy_cider=round(100 * best[0], 2),
+            best_epoch=best[1],
+            greedy_cider_curve=[round(100 * c, 1) for c, _ in cider],
+        )
     return out
 
 
@@ -157,7 +205,11 @@ def reuse_store(workdir: Path, out: Path, weights: str, crops: int) -> None:
     sha = manifest_sha256(workdir)
     for other in sorted(out.glob("*/features/" + target.name)):
         attrs = existing_attrs(other) or {}
-        if other.parent.parent != workdir and attrs.get("manifest_sha256") == sha and int(attrs.get("num_crops", -1)) == crops:
+        if (
+            other.parent.parent != workdir
+            and attrs.get("manifest_sha256") == sha
+            and int(attrs.get("num_crops", -1)) == crops
+        ):
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 target.hardlink_to(other)
@@ -173,16 +225,23 @@ def write_tables(out: Path, rows: list[dict]) -> str:
     for r in rows:
         s = r["scores"]
         cells = [f"{s[m]:.1f}" if m in s else "–" for m in METRICS]
-        lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+        lines.append(
+            f"| {r['config']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |"
+        )
     steps = ["", "| step | seconds |", "|---|---|"]
     seen = {}
     for r in rows:
         for k, v in r.get("steps", {}).items():
             seen[k] = v
     steps += [f"| {k} | {v:.0f} |" for k, v in seen.items()]
-    md = ("Validation split, scores x100 (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D); train s = seconds of the "
-          "training step that made the checkpoint, eval s = seconds to caption and score the split.\n\n"
-          + "\n".join(lines) + "\n" + "\n".join(steps) + "\n")
+    md = (
+        "Validation split, scores x100 (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D); train s = seconds of the "
+        "training step that made the checkpoint, eval s = seconds to caption and score the split.\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + "\n".join(steps)
+        + "\n"
+    )
     (out / "quality.md").write_text(md)
     (out / "quality.json").write_text(json.dumps(rows, indent=2))
     return md
@@ -223,30 +282,62 @@ def main() -> None:
     workdir = a.workdir or (out / (f"work-mwc{a.min_word_count}" if a.min_word_count is not None else "work"))
     train_args, joint_extra = cli_options(a.train_arg, "--train-arg"), cli_options(a.joint_arg, "--joint-arg")
     options, joint_options = options_label(train_args), options_label(joint_extra)
-    name = a.name or "-".join(filter(None, [
-        "decoder", options.replace(" ", "-").replace("=", ""), f"mwc{a.min_word_count}" if a.min_word_count is not None else "",
-        f"e{epochs}", f"seed{a.seed}"]))
+    name = a.name or "-".join(
+        filter(
+            None,
+            [
+                "decoder",
+                options.replace(" ", "-").replace("=", ""),
+                f"mwc{a.min_word_count}" if a.min_word_count is not None else "",
+                f"e{epochs}",
+                f"seed{a.seed}",
+            ],
+        )
+    )
     run_dir = out / "runs" / name
     steps: dict[str, float] = {}
 
     # 1. prepare (fast, deterministic: the same manifest keeps the feature store valid) and featurize
     prep = ["prepare", *(["--hf", a.data] if a.hf else [a.data]), "--out", str(workdir)]
-    for opt, val in (("--min-word-count", a.min_word_count), ("--image-column", a.image_column), ("--caption-column", a.caption_column)):
+    for opt, val in (
+        ("--min-word-count", a.min_word_count),
+        ("--image-column", a.image_column),
+        ("--caption-column", a.caption_column),
+    ):
         if val is not None:
             prep += [opt, str(val)]
     steps[f"prepare {workdir.name}"] = cli(*prep, log=log)
     reuse_store(workdir, out, a.weights, a.crops)
     steps[f"featurize {workdir.name} ({a.weights}, K={a.crops}, --resume)"] = cli(
-        "featurize", str(workdir), "--weights", a.weights, "--crops", str(a.crops), "--resume", log=log)
+        "featurize", str(workdir), "--weights", a.weights, "--crops", str(a.crops), "--resume", log=log
+    )
 
     # 2. decoder phase
     best = RunDir(run_dir).best
     if a.keep_run and best.exists():
-        train_seconds = json.loads((run_dir / "bench_train.json").read_text())["seconds"] if (run_dir / "bench_train.json").exists() else 0.0
+        train_seconds = (
+            json.loads((run_dir / "bench_train.json").read_text())["seconds"]
+            if (run_dir / "bench_train.json").exists()
+            else 0.0
+        )
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-        train_seconds = cli("train", str(workdir), "--run", str(run_dir), "--epochs", str(epochs),
-                            "--select-by", a.select_by, "--seed", str(a.seed), "--weights", a.weights, *train_args, log=log)
+        train_seconds = cli(
+            "train",
+            str(workdir),
+            "--run",
+            str(run_dir),
+            "--epochs",
+            str(epochs),
+            "--select-by",
+            a.select_by,
+            "--seed",
+            str(a.seed),
+            "--weights",
+            a.weights,
+            *train_args,
+            log=log,
+        )
         (run_dir / "bench_train.json").write_text(json.dumps({"seconds": train_seconds}))
     steps[f"train decoder {name}"] = train_seconds
     curve = epochs_summary(run_dir)
@@ -258,18 +349,43 @@ def main() -> None:
         scores, secs, result = score(best, d)
         config = f"decoder [{base}] best ep {result['epoch']}; {decode_label(d)}"
         steps[f"evaluate {name} {decode_label(d)}"] = secs
-        new_rows.append({"config": config, "run": str(run_dir), "phase": "decoder", "seed": a.seed, "options": options,
-                         "workdir": str(workdir), "epochs": epochs, "best_epoch": result["epoch"], "decode": d,
-                         "scores": scores, "train_seconds": train_seconds, "eval_seconds": secs, "curve": curve,
-                         "examples": [[r.path, h, r.captions[0]] for r, h in result["captions"][:8]]})
+        new_rows.append(
+            {
+                "config": config,
+                "run": str(run_dir),
+                "phase": "decoder",
+                "seed": a.seed,
+                "options": options,
+                "workdir": str(workdir),
+                "epochs": epochs,
+                "best_epoch": result["epoch"],
+                "decode": d,
+                "scores": scores,
+                "train_seconds": train_seconds,
+                "eval_seconds": secs,
+                "curve": curve,
+                "examples": [[r.path, h, r.captions[0]] for r, h in result["captions"][:8]],
+            }
+        )
         print(f"{config}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()), flush=True)
 
     # 3. joint session from the decoder's best.pt, then its last.pt on the validation split
     if joint_minutes > 0:
         joint_args = ["--batch-size", str(a.joint_batch_size), *joint_extra] + (
-            ["--epochs", str(a.joint_epochs)] if a.joint_epochs else [])
-        joint_seconds = cli("train", "--run", str(run_dir), "--phase", "joint", "--max-minutes", f"{joint_minutes:g}",
-                            *joint_args, *(["--resume"] if a.joint_resume else []), log=log)
+            ["--epochs", str(a.joint_epochs)] if a.joint_epochs else []
+        )
+        joint_seconds = cli(
+            "train",
+            "--run",
+            str(run_dir),
+            "--phase",
+            "joint",
+            "--max-minutes",
+            f"{joint_minutes:g}",
+            *joint_args,
+            *(["--resume"] if a.joint_resume else []),
+            log=log,
+        )
         steps[f"train joint {name} ({joint_minutes:g} min{', resumed' if a.joint_resume else ''})"] = joint_seconds
         import torch
 
@@ -289,13 +405,31 @@ def main() -> None:
         scores, secs, result = score(last, joint_decode)
         steps[f"evaluate joint {name} {decode_label(joint_decode)}"] = secs
         # batches counts every joint session of the run, so a resumed session's row says where it stands
-        config = (f"joint [{base}{'; ' + joint_options if joint_options else ''}] +{joint_minutes:g} min{' resumed' if a.joint_resume else ''}, {batches} batches of {a.joint_batch_size}, "
-                  f"{s_per_batch:.2f} s/batch; {decode_label(joint_decode)}")
-        new_rows.append({"config": config, "run": str(run_dir), "phase": "joint", "seed": a.seed, "options": options,
-                         "workdir": str(workdir), "epochs": epochs, "decode": joint_decode, "joint_minutes": joint_minutes, "joint_options": joint_options,
-                         "joint_batches": batches, "s_per_batch": round(s_per_batch, 3), "scores": scores,
-                         "train_seconds": joint_seconds, "eval_seconds": secs,
-                         "examples": [[r.path, h, r.captions[0]] for r, h in result["captions"][:8]]})
+        config = (
+            f"joint [{base}{'; ' + joint_options if joint_options else ''}] +{joint_minutes:g} min"
+            f"{' resumed' if a.joint_resume else ''}, {batches} batches of {a.joint_batch_size}, "
+            f"{s_per_batch:.2f} s/batch; {decode_label(joint_decode)}"
+        )
+        new_rows.append(
+            {
+                "config": config,
+                "run": str(run_dir),
+                "phase": "joint",
+                "seed": a.seed,
+                "options": options,
+                "workdir": str(workdir),
+                "epochs": epochs,
+                "decode": joint_decode,
+                "joint_minutes": joint_minutes,
+                "joint_options": joint_options,
+                "joint_batches": batches,
+                "s_per_batch": round(s_per_batch, 3),
+                "scores": scores,
+                "train_seconds": joint_seconds,
+                "eval_seconds": secs,
+                "examples": [[r.path, h, r.captions[0]] for r, h in result["captions"][:8]],
+            }
+        )
         print(f"{config}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()), flush=True)
 
     old = json.loads((out / "quality.json").read_text()) if (out / "quality.json").exists() else []

@@ -37,8 +37,13 @@ def find_images(target: Path) -> list[Path]:
 
 
 def caption_images(
-    loaded: LoadedCaptioner, paths: list[Path], beam: int = 3, alpha: float = 0.0, tta: bool = False,
-    batch_size: int = 16, workers: int = 2,
+    loaded: LoadedCaptioner,
+    paths: list[Path],
+    beam: int = 3,
+    alpha: float = 0.0,
+    tta: bool = False,
+    batch_size: int = 16,
+    workers: int = 2,
 ) -> list[CaptionResult]:
     features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)
@@ -56,7 +61,10 @@ def _stack(features: dict, order: list[int]):
 def format_results(results: list[CaptionResult], fmt: str) -> str:
     """CSV (image, caption, error) or JSON ([{"image", "caption"} or {"image", "error"}])."""
     if fmt == "json":
-        rows = [{"image": r.image, "caption": r.caption} if r.error is None else {"image": r.image, "error": r.error} for r in results]
+        rows = [
+            {"image": r.image, "caption": r.caption} if r.error is None else {"image": r.image, "error": r.error}
+            for r in results
+        ]
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     if fmt == "csv":
         buf = io.StringIO()

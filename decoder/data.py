@@ -125,7 +125,13 @@ def feature_source(store: FeatureStore, stream: bool) -> InMemoryFeatures | Stre
 
 
 def train_batches(
-    pairs: Pairs, source, order: np.ndarray, crops: np.ndarray, batch_size: int, start_batch: int = 0, ctx: Dist = SINGLE
+    pairs: Pairs,
+    source,
+    order: np.ndarray,
+    crops: np.ndarray,
+    batch_size: int,
+    start_batch: int = 0,
+    ctx: Dist = SINGLE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features (B, D), captions (B, T)) for the batches of one epoch from `start_batch` on.
 

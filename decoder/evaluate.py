@@ -26,7 +26,9 @@ from store.manifest import Record, read_manifest
 from store.rundir import RunDir
 
 
-def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, tta: bool, workers: int = 2) -> tuple[list[int], torch.Tensor]:
+def split_features(
+    loaded: LoadedCaptioner, records: list[Record], split: str, tta: bool, workers: int = 2
+) -> tuple[list[int], torch.Tensor]:
     """(manifest rows, features (n, D)) of the split's images that have features."""
     train_cfg = loaded.state["config"]["train"]
     rows = [i for i, r in enumerate(records) if r.split == split]
@@ -46,8 +48,14 @@ def split_features(loaded: LoadedCaptioner, records: list[Record], split: str, t
 
 
 def evaluate_run(
-    loaded: LoadedCaptioner, run_dir: Path, split: str = "test", beam: int = 3, alpha: float = 0.0,
-    tta: bool = False, workdir: Path | None = None, write: bool = True,
+    loaded: LoadedCaptioner,
+    run_dir: Path,
+    split: str = "test",
+    beam: int = 3,
+    alpha: float = 0.0,
+    tta: bool = False,
+    workdir: Path | None = None,
+    write: bool = True,
 ) -> dict:
     """Scores of `loaded` on `split`; also writes the eval files when `write`."""
     workdir = Path(workdir or loaded.state["config"]["train"]["workdir"])
@@ -57,11 +65,21 @@ def evaluate_run(
         raise UserError(f"{workdir} has no {split} images with features to evaluate")
     hypotheses = generate(loaded, features, beam=beam, alpha=alpha)
     ids = [records[i].id for i in rows]
-    scores, notes = score_captions({k: records[i].captions for k, i in zip(ids, rows, strict=True)},
-                                   dict(zip(ids, hypotheses, strict=True)))
-    result = {"split": split, "images": len(rows), "beam": beam, "alpha": alpha, "tta": tta,
-              "checkpoint": str(loaded.path), "epoch": loaded.state["epoch"], "phase": loaded.state["phase"],
-              "scores": scores, "notes": notes}
+    scores, notes = score_captions(
+        {k: records[i].captions for k, i in zip(ids, rows, strict=True)}, dict(zip(ids, hypotheses, strict=True))
+    )
+    result = {
+        "split": split,
+        "images": len(rows),
+        "beam": beam,
+        "alpha": alpha,
+        "tta": tta,
+        "checkpoint": str(loaded.path),
+        "epoch": loaded.state["epoch"],
+        "phase": loaded.state["phase"],
+        "scores": scores,
+        "notes": notes,
+    }
     if write:
         run = RunDir(run_dir)
         atomic_write_bytes(run.eval_json(split), json.dumps(result, indent=2).encode())

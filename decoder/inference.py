@@ -46,7 +46,9 @@ def load_captioner(path: Path) -> LoadedCaptioner:
     return LoadedCaptioner(model.eval(), Vocabulary(state["vocab"]), state, Path(path))
 
 
-def generate(loaded: LoadedCaptioner, features: torch.Tensor, beam: int = 3, alpha: float = 0.0, batch_size: int = 64) -> list[str]:
+def generate(
+    loaded: LoadedCaptioner, features: torch.Tensor, beam: int = 3, alpha: float = 0.0, batch_size: int = 64
+) -> list[str]:
     """One sentence per feature row (N, D); <unk> is shown as the word "<unk>"."""
     vocab, sentences = loaded.vocab, []
     for start in range(0, features.size(0), batch_size):
@@ -102,16 +104,22 @@ class _ImageCrops(Dataset):
 
 
 def encode_images(
-    paths: list[Path], encoder: torch.nn.Module, policy: CropPolicy, tta: bool = False,
-    batch_size: int = 16, workers: int = 2, precision: str = "fp32",
+    paths: list[Path],
+    encoder: torch.nn.Module,
+    policy: CropPolicy,
+    tta: bool = False,
+    batch_size: int = 16,
+    workers: int = 2,
+    precision: str = "fp32",
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """({index: feature (D,)}, {index: error}) for each image path; TTA averages the K crops.
 
     `encoder` should come from inference_encoder; `batch_size` images are decoded at a time, and
     their crops go through featurize's encode (8 crops per CNN batch, as featurize measured best).
     """
-    loader = DataLoader(_ImageCrops(paths, policy, tta), batch_size=batch_size, num_workers=workers,
-                        collate_fn=lambda items: items)
+    loader = DataLoader(
+        _ImageCrops(paths, policy, tta), batch_size=batch_size, num_workers=workers, collate_fn=lambda items: items
+    )
     features, errors = {}, {}
     for items in loader:
         good = [(i, crops) for i, crops, err in items if err is None]
@@ -126,8 +134,19 @@ def encode_images(
 
 
 def encode_photos(
-    loaded: LoadedCaptioner, paths: list[Path], tta: bool = False, batch_size: int = 16, workers: int = 2,
+    loaded: LoadedCaptioner,
+    paths: list[Path],
+    tta: bool = False,
+    batch_size: int = 16,
+    workers: int = 2,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """encode_images with the CNN, crops and precision that made the checkpoint's training features."""
-    return encode_images(paths, inference_encoder(loaded.state), crop_policy(loaded.state), tta=tta,
-                         batch_size=batch_size, workers=workers, precision=inference_precision(loaded.state))
+    return encode_images(
+        paths,
+        inference_encoder(loaded.state),
+        crop_policy(loaded.state),
+        tta=tta,
+        batch_size=batch_size,
+        workers=workers,
+        precision=inference_precision(loaded.state),
+    )

@@ -85,7 +85,9 @@ class JointNet(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         x = to_float(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S) in [0, 1]
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+        ):
             return self.encoder(x).float()  # (B, D)
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,9 @@ class _EpochBatches(Sampler):
 
     def __iter__(self):
         for b in range(self.start, D.num_batches(len(self.order), self.batch_size)):
-            yield [(self.epoch, i) for i in shard(self.order[b * self.batch_size : (b + 1) * self.batch_size], self.ctx)]
+            yield [
+                (self.epoch, i) for i in shard(self.order[b * self.batch_size : (b + 1) * self.batch_size], self.ctx)
+            ]
 
     def __len__(self) -> int:
         return D.num_batches(len(self.order), self.batch_size) - self.start
@@ -133,8 +137,26 @@ def _collate(items):
 class ImageData:
     """The joint phase's PhaseData: decoded, randomly cropped images from DataLoader workers."""
 
-    def __init__(self, net: JointNet, records, train: D.Pairs, val: D.Pairs, policy: CropPolicy, cfg: JointConfig, device, ctx: Dist):
-        self.net, self.records, self.val, self.policy, self.cfg, self.device, self.ctx = net, records, val, policy, cfg, device, ctx
+    def __init__(
+        self,
+        net: JointNet,
+        records,
+        train: D.Pairs,
+        val: D.Pairs,
+        policy: CropPolicy,
+        cfg: JointConfig,
+        device,
+        ctx: Dist,
+    ):
+        self.net, self.records, self.val, self.policy, self.cfg, self.device, self.ctx = (
+            net,
+            records,
+            val,
+            policy,
+            cfg,
+            device,
+            ctx,
+        )
         self.dataset = _TrainImages(records, train, policy, cfg.seed)
         self.num_batches = D.num_batches(len(train), cfg.batch_size)
 
@@ -142,8 +164,13 @@ class ImageData:
         sampler = _EpochBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, start_batch, self.ctx)
         # its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
         # drives dropout, and one more draw per resumed session would change the run
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=_collate,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.cfg.workers,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
         for images, captions in loader:
             yield images.to(self.device), captions.to(self.device)
 
@@ -201,9 +228,17 @@ class JointPhase:
             raise UserError(f"{run} is already in the joint phase: add --resume")
         saved_train = state["config"]["train"]
         joint_opts = {k: v for k, v in options.items() if k in JointConfig.__dataclass_fields__ and v is not None}
-        cfg = JointConfig(**{"workdir": str(workdir or saved_train["workdir"]), "store": saved_train["store"],
-                             "seed": saved_train["seed"], "batch_size": saved_train["batch_size"],
-                             "lr": saved_train["lr"], **joint_opts, "init": str(init)})
+        cfg = JointConfig(
+            **{
+                "workdir": str(workdir or saved_train["workdir"]),
+                "store": saved_train["store"],
+                "seed": saved_train["seed"],
+                "batch_size": saved_train["batch_size"],
+                "lr": saved_train["lr"],
+                **joint_opts,
+                "init": str(init),
+            }
+        )
         return cfg, state
 
     def build(self, ctx: Dist, run: RunDir, cfg: JointConfig, state: dict, stack: ExitStack) -> Built:
@@ -220,12 +255,16 @@ class JointPhase:
 
         captioner = Captioner(model_cfg)
         captioner.load_state_dict(state["model"])
-        encoder = build_encoder({"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})})
+        encoder = build_encoder(
+            {"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})}
+        )
         net = JointNet(encoder, captioner, cfg.unfreeze, autocast_dtype(cfg.precision, device)).to(device)
-        optimizer = torch.optim.Adam([
-            {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.cnn_lr},
-            {"params": captioner.parameters(), "lr": cfg.lr},
-        ])
+        optimizer = torch.optim.Adam(
+            [
+                {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.cnn_lr},
+                {"params": captioner.parameters(), "lr": cfg.lr},
+            ]
+        )
         config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
         # a fresh joint phase continues the run's step count and must beat the decoder phase's best
         # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)
@@ -233,19 +272,46 @@ class JointPhase:
         start = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
         policy = CropPolicy.from_attrs(identity)
         fit = Fit(
-            phase=self.name, run_dir=run.path, net=net, optimizer=optimizer,
-            data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device, ctx), epochs=cfg.epochs, dist=ctx,
-            train_net=DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active else None,
-            grad_clip=cfg.grad_clip, checkpoint_minutes=cfg.checkpoint_minutes,
-            checkpoint_fields=lambda: {"model": captioner.state_dict(), "encoder": encoder.state_dict(),
-                                       "config": config, "vocab": vocab.itos, "store": identity},
+            phase=self.name,
+            run_dir=run.path,
+            net=net,
+            optimizer=optimizer,
+            data=ImageData(net, records, train_pairs, val_pairs, policy, cfg, device, ctx),
+            epochs=cfg.epochs,
+            dist=ctx,
+            train_net=DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+            if ctx.active
+            else None,
+            grad_clip=cfg.grad_clip,
+            checkpoint_minutes=cfg.checkpoint_minutes,
+            checkpoint_fields=lambda: {
+                "model": captioner.state_dict(),
+                "encoder": encoder.state_dict(),
+                "config": config,
+                "vocab": vocab.itos,
+                "store": identity,
+            },
         )
         return Built(fit, config, start, f"joint phase of {run} from {cfg.init} (decoder epoch {state['epoch']})")
 
 
 def train_joint(
-    workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
-    options: dict, console: Console, weights: str | None = None,
+    workdir: Path | None,
+    run_dir: Path | None,
+    *,
+    resume: bool,
+    max_minutes: float | None,
+    options: dict,
+    console: Console,
+    weights: str | None = None,
 ) -> Outcome:
-    return train_phase(JointPhase(), workdir, run_dir, resume=resume, max_minutes=max_minutes,
-                       options=options, console=console, weights=weights)
+    return train_phase(
+        JointPhase(),
+        workdir,
+        run_dir,
+        resume=resume,
+        max_minutes=max_minutes,
+        options=options,
+        console=console,
+        weights=weights,
+    )

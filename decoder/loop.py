@@ -105,9 +105,13 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                 pos.batch += 1
                 pos.step += 1
                 pos.loss_sum += logged
-                fit.pending_rows.append({"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, "loss": f"{logged:.5f}"})
+                fit.pending_rows.append(
+                    {"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, "loss": f"{logged:.5f}"}
+                )
                 progress.update(task, advance=1, loss=logged)
-                timer_due = bool(fit.checkpoint_minutes) and time.monotonic() - last_checkpoint >= fit.checkpoint_minutes * 60
+                timer_due = (
+                    bool(fit.checkpoint_minutes) and time.monotonic() - last_checkpoint >= fit.checkpoint_minutes * 60
+                )
                 reason, timer_due = _agree(stop, timer_due, fit.dist)
                 if reason or timer_due:
                     pos.seconds += time.monotonic() - started
@@ -123,11 +127,17 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
             improved = score < pos.best
             pos.best = min(pos.best, score)
             if main:
-                log.log_epoch({
-                    "phase": fit.phase, "epoch": pos.epoch + 1, "train_loss": f"{train_loss:.5f}",
-                    "val_loss": f"{val_loss:.5f}", "val_cider": "" if not fit.select_score else f"{-score:.4f}",
-                    "seconds": f"{pos.seconds:.2f}", "step": pos.step,
-                })
+                log.log_epoch(
+                    {
+                        "phase": fit.phase,
+                        "epoch": pos.epoch + 1,
+                        "train_loss": f"{train_loss:.5f}",
+                        "val_loss": f"{val_loss:.5f}",
+                        "val_cider": "" if not fit.select_score else f"{-score:.4f}",
+                        "seconds": f"{pos.seconds:.2f}",
+                        "step": pos.step,
+                    }
+                )
                 console.print(
                     f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}: train loss {train_loss:.4f}, "
                     f"val loss {val_loss:.4f}{'' if not fit.select_score else f', val CIDEr {-score:.3f}'}, "
@@ -224,7 +234,8 @@ def restore_rng(state: dict, ctx: Dist, console: Console) -> None:
     torch.set_rng_state(state["rng"])
     if ctx.is_main:
         console.print(
-            f"[yellow]note[/]: checkpoint written by {saved} process(es), resuming with {ctx.world_size}: global batches "
+            f"[yellow]note[/]: checkpoint written by {saved} process(es), resuming with {ctx.world_size}: "
+            "global batches "
             "and data order are the same, but dropout draws differ, so the run continues without being bit-identical "
             "to an uninterrupted one"
         )
@@ -242,17 +253,26 @@ def resume_from(state: dict, optimizer: torch.optim.Optimizer, run_dir: Path, ct
 
 def position_from(state: dict) -> Position:
     return Position(
-        epoch=state["epoch"], batch=state.get("batch_in_epoch", 0), step=state["step"],
-        loss_sum=state.get("epoch_loss_sum", 0.0), seconds=state.get("epoch_seconds", 0.0),
+        epoch=state["epoch"],
+        batch=state.get("batch_in_epoch", 0),
+        step=state["step"],
+        loss_sum=state.get("epoch_loss_sum", 0.0),
+        seconds=state.get("epoch_seconds", 0.0),
         best=state.get("best_score", math.inf),
     )
 
 
 def _progress(console: Console, disable: bool = False) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), _SpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=disable,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        _SpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
     )
 
 

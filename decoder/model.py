@@ -46,7 +46,10 @@ class Captioner(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.embed_size, padding_idx=0)
         self.embed_dropout = nn.Dropout(c.dropout)
         self.lstm = nn.LSTM(
-            c.embed_size, c.hidden_size, num_layers=c.num_layers, batch_first=True,
+            c.embed_size,
+            c.hidden_size,
+            num_layers=c.num_layers,
+            batch_first=True,
             dropout=c.dropout if c.num_layers > 1 else 0.0,
         )
         self.out_dropout = nn.Dropout(c.dropout)

@@ -49,7 +49,9 @@ class Phase(Protocol):
     follows_a_run: bool  # starts from a run's checkpoint, so its default run is the latest one
     options_type: type  # a frozen dataclass with at least `seed` and `epochs`
 
-    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict, weights: str | None) -> tuple[Any, dict | None]:
+    def fresh_options(
+        self, run: RunDir, workdir: Path | None, options: dict, weights: str | None
+    ) -> tuple[Any, dict | None]:
         """(options, checkpoint to start from or None) for a session that is not a resume."""
 
     def build(self, ctx: Dist, run: RunDir, cfg: Any, state: dict | None, stack: ExitStack) -> Built:
@@ -57,8 +59,15 @@ class Phase(Protocol):
 
 
 def train_phase(
-    phase: Phase, workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
-    options: dict, console: Console, weights: str | None = None,
+    phase: Phase,
+    workdir: Path | None,
+    run_dir: Path | None,
+    *,
+    resume: bool,
+    max_minutes: float | None,
+    options: dict,
+    console: Console,
+    weights: str | None = None,
 ) -> Outcome:
     """Train (or resume) one phase of a run; `options` holds the explicitly given CLI options."""
     with process_group() as ctx:  # left after the training's objects (DDP among them) are gone
@@ -81,8 +90,10 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
         check_options_unchanged({**state["config"].get("model", {}), **saved}, options, phase.changeable_on_resume)
         changed = {k: v for k, v in options.items() if k in phase.changeable_on_resume and v is not None}
         cfg = phase.options_type(**{**saved, **changed})
-        console.print(f"resuming {phase.name} phase of {run} from {path.name}: epoch {state['epoch'] + 1}, "
-                      f"batch {state.get('batch_in_epoch', 0)}, step {state['step']}, CPU threads: {threads}")
+        console.print(
+            f"resuming {phase.name} phase of {run} from {path.name}: epoch {state['epoch'] + 1}, "
+            f"batch {state.get('batch_in_epoch', 0)}, step {state['step']}, CPU threads: {threads}"
+        )
     else:
         cfg, state = phase.fresh_options(run, workdir, options, weights)
     with ExitStack() as stack:
@@ -120,4 +131,7 @@ def check_options_unchanged(saved: dict, options: dict, changeable: frozenset[st
         if value is None or key not in saved or key in changeable:
             continue
         if saved[key] != value:
-            raise UserError(f"cannot change --{key.replace('_', '-')} on resume: the run was trained with {saved[key]!r}, got {value!r}")
+            raise UserError(
+                f"cannot change --{key.replace('_', '-')} on resume: "
+                f"the run was trained with {saved[key]!r}, got {value!r}"
+            )

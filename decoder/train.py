@@ -102,8 +102,10 @@ def open_training_store(stack: ExitStack, cfg: TrainConfig, expected: dict | Non
     if expected is not None:
         check_store_matches(store, expected, "the run's checkpoint")
     elif store.images_sha256 != images_sha256([r.path for r in records]):
-        raise UserError(f"{store.path} was built from other images than {cfg.workdir}'s manifest: "
-                        f"run `python cli.py featurize {cfg.workdir} --resume --overwrite`")
+        raise UserError(
+            f"{store.path} was built from other images than {cfg.workdir}'s manifest: "
+            f"run `python cli.py featurize {cfg.workdir} --resume --overwrite`"
+        )
     if len(records) != store.num_rows:
         raise UserError(f"{store.path} has {store.num_rows} rows but the manifest has {len(records)} images")
     return store, records, np.asarray(store.done, dtype=bool)
@@ -135,7 +137,10 @@ class DecoderPhase:
         train_pairs = D.build_pairs(records, vocab, "train", usable)
         val_pairs = D.build_pairs(records, vocab, "val", usable)
         if not len(train_pairs) or not len(val_pairs):
-            raise UserError(f"{cfg.workdir} has {len(train_pairs)} train and {len(val_pairs)} validation captions with features; need both")
+            raise UserError(
+                f"{cfg.workdir} has {len(train_pairs)} train and {len(val_pairs)} validation captions "
+                "with features; need both"
+            )
 
         model = Captioner(model_cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -144,23 +149,50 @@ class DecoderPhase:
         identity = store_identity(store)
         config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
         fit = Fit(
-            phase=self.name, run_dir=run.path, net=model, optimizer=optimizer,
-            data=FeatureData(store, train_pairs, val_pairs, cfg, ctx), epochs=cfg.epochs, grad_clip=cfg.grad_clip,
-            checkpoint_fields=lambda: {"model": model.state_dict(), "config": config, "vocab": vocab.itos, "store": identity},
+            phase=self.name,
+            run_dir=run.path,
+            net=model,
+            optimizer=optimizer,
+            data=FeatureData(store, train_pairs, val_pairs, cfg, ctx),
+            epochs=cfg.epochs,
+            grad_clip=cfg.grad_clip,
+            checkpoint_fields=lambda: {
+                "model": model.state_dict(),
+                "config": config,
+                "vocab": vocab.itos,
+                "store": identity,
+            },
             select_score=val_cider_score(model, vocab, store, records, usable) if cfg.select_by == "cider" else None,
-            dist=ctx, train_net=DistributedDataParallel(model) if ctx.active else None,
+            dist=ctx,
+            train_net=DistributedDataParallel(model) if ctx.active else None,
         )
-        banner = (f"run {run}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
+        banner = (
+            f"run {run}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        )
         return Built(fit, config, Position(), banner)
 
 
 def train_decoder(
-    workdir: Path | None, run_dir: Path | None, *, resume: bool, max_minutes: float | None,
-    options: dict, console: Console, weights: str | None = None,
+    workdir: Path | None,
+    run_dir: Path | None,
+    *,
+    resume: bool,
+    max_minutes: float | None,
+    options: dict,
+    console: Console,
+    weights: str | None = None,
 ) -> Outcome:
     """Train (or resume) the decoder phase; `options` holds the explicitly given CLI options.
 
     Under torchrun each rank trains on its share of every global batch."""
-    return train_phase(DecoderPhase(), workdir, run_dir, resume=resume, max_minutes=max_minutes,
-                       options=options, console=console, weights=weights)
+    return train_phase(
+        DecoderPhase(),
+        workdir,
+        run_dir,
+        resume=resume,
+        max_minutes=max_minutes,
+        options=options,
+        console=console,
+        weights=weights,
+    )

@@ -39,8 +39,12 @@ class CropPolicy:
 
         `flip` is left off: it only mirrors stored training crops, and at caption time or in the
         joint phase's random crops a mirror would contradict "left" and "right" in captions."""
-        return cls(resize=int(attrs.get("resize", 356)), crop=int(attrs.get("crop_size", 299)),
-                   num_crops=int(attrs.get("num_crops", 5)), seed=int(attrs.get("seed", 0)))
+        return cls(
+            resize=int(attrs.get("resize", 356)),
+            crop=int(attrs.get("crop_size", 299)),
+            num_crops=int(attrs.get("num_crops", 5)),
+            seed=int(attrs.get("seed", 0)),
+        )
 
     def __post_init__(self) -> None:
         if not 0 < self.crop <= self.resize:

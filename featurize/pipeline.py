@@ -77,7 +77,9 @@ def featurize(
     previous = None if overwrite else (existing_attrs(path) or {}).get("precision")
     attrs = {
         **encoder_info(weights),
-        **_store_attrs(policy, resolve_precision(precision, previous), chunk_rows or max(1, CROPS_PER_CHUNK // num_crops)),
+        **_store_attrs(
+            policy, resolve_precision(precision, previous), chunk_rows or max(1, CROPS_PER_CHUNK // num_crops)
+        ),
         "images_sha256": images_sha256([r.path for r in records]),
         "manifest_sha256": manifest_sha256(workdir),  # provenance: which prepare run
         "num_rows": len(records),
@@ -91,15 +93,20 @@ def featurize(
             chunks = chunks[ctx.rank :: ctx.world_size]
             if chunks:
                 loader = DataLoader(
-                    _Resized(files, policy), batch_sampler=[c.rows.tolist() for c in chunks],
-                    num_workers=workers, collate_fn=list, prefetch_factor=2 if workers else None,  # a chunk = a list of rows
+                    _Resized(files, policy),
+                    batch_sampler=[c.rows.tolist() for c in chunks],
+                    num_workers=workers,
+                    collate_fn=list,
+                    prefetch_factor=2 if workers else None,  # a chunk = a list of rows
                 )
                 batches = iter(loader)  # start the workers before the model's threads exist
                 net = prepare_for_inference(build_inception(weights))
                 try:
                     _run(net, chunks, batches, writer, policy, attrs, console if ctx.is_main else None)
                 except KeyboardInterrupt:
-                    raise UserError(f"interrupted; finished chunks are kept: `featurize {workdir} --resume` continues") from None
+                    raise UserError(
+                        f"interrupted; finished chunks are kept: `featurize {workdir} --resume` continues"
+                    ) from None
             elif ctx.is_main:
                 _say(console, f"{path}: every image is already done")
             barrier(ctx)  # every rank's shards are on disk
@@ -128,8 +135,14 @@ def _open_writer(ctx: Dist, path: Path, attrs: dict, paths: list[str], resume: b
 def _store_attrs(policy: CropPolicy, precision: str, chunk_rows: int) -> dict:
     """The crop policy, precision, layout and library versions, as the store records them."""
     return {
-        "resize": policy.resize, "crop_size": policy.crop, "num_crops": policy.num_crops, "seed": policy.seed,
-        "flip": policy.flip, "precision": precision, "chunk_rows": chunk_rows, "dim": FEATURE_DIM,
+        "resize": policy.resize,
+        "crop_size": policy.crop,
+        "num_crops": policy.num_crops,
+        "seed": policy.seed,
+        "flip": policy.flip,
+        "precision": precision,
+        "chunk_rows": chunk_rows,
+        "dim": FEATURE_DIM,
         **library_versions(),
     }
 
@@ -171,15 +184,20 @@ def encode(net: torch.nn.Module, crops: torch.Tensor, batch_size: int, precision
     out = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for start in range(0, crops.shape[0], batch_size):
-            x = to_float(crops[start : start + batch_size]).contiguous(memory_format=torch.channels_last)  # (B, 3, C, C)
+            x = to_float(crops[start : start + batch_size]).contiguous(
+                memory_format=torch.channels_last
+            )  # (B, 3, C, C)
             out.append(net(x).float())  # (B, D)
     return torch.cat(out) if out else torch.empty(0, FEATURE_DIM)
 
 
 def library_versions() -> dict[str, str]:
     return {
-        "torch": torch.__version__, "torchvision": version("torchvision"), "h5py": version("h5py"),
-        "numpy": np.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "h5py": version("h5py"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -213,13 +231,20 @@ def _run(net, chunks, batches, writer: StoreWriter, policy: CropPolicy, attrs: d
     total_rows = sum(c.rows.size for c in chunks)
     crops_done, start = 0, time.perf_counter()
     columns = (
-        TextColumn("featurize"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+        TextColumn("featurize"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, disable=console is None) as progress:
         task = progress.add_task("featurize", total=total_rows, rate="")
-        _say(console, f"{attrs['encoder']} {attrs['weights']} ({precision}), {k} crops of {policy.crop}px per image, "
-             f"{total_rows} images to go")
+        _say(
+            console,
+            f"{attrs['encoder']} {attrs['weights']} ({precision}), {k} crops of {policy.crop}px per image, "
+            f"{total_rows} images to go",
+        )
         for chunk, items in zip(chunks, batches, strict=True):
             reasons = [reason for _, _, reason in items]
             ok = np.array([r == "" for r in reasons])
@@ -242,8 +267,11 @@ def _report_failures(console: Console | None, failed: dict[int, str], paths: lis
     """List the store's unreadable images; the run went on without them."""
     if not failed:
         return
-    _say(console, f"[yellow]{len(failed)} image(s) could not be read; they are marked in the store "
-         "(done=False, failed=reason) and tried again by --resume:[/]")
+    _say(
+        console,
+        f"[yellow]{len(failed)} image(s) could not be read; they are marked in the store "
+        "(done=False, failed=reason) and tried again by --resume:[/]",
+    )
     for row in sorted(failed)[:MAX_LISTED_FAILURES]:
         _say(console, f"  {paths[row]}: {failed[row]}", markup=False)
     if len(failed) > MAX_LISTED_FAILURES:

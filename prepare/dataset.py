@@ -42,14 +42,13 @@ STAGING = ".prepare"  # WORKDIR/.prepare.tmp<pid>/: the outputs while they are b
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
-    """"70/15/15" -> (0.7, 0.15, 0.15); percentages or fractions, three of them, summing to 100 or 1."""
+    """ "70/15/15" -> (0.7, 0.15, 0.15); percentages or fractions, three of them, summing to 100 or 1."""
     try:
         parts = [float(p) for p in str(text).split("/")]
     except ValueError:
         parts = []
     total = sum(parts)
-    if len(parts) != 3 or any(p < 0 for p in parts) or not (
-            abs(total - 100) < 1e-6 or abs(total - 1) < 1e-6):
+    if len(parts) != 3 or any(p < 0 for p in parts) or not (abs(total - 100) < 1e-6 or abs(total - 1) < 1e-6):
         raise UserError(f"--split {text!r}: expected train/val/test percentages such as 70/15/15")
     return parts[0] / total, parts[1] / total, parts[2] / total
 
@@ -100,15 +99,24 @@ def split_images(ids: list[str], fractions: tuple[float, float, float], seed: in
     n_val = round(len(order) * fractions[1])
     n_test = round(len(order) * fractions[2])
     n_train = len(order) - n_val - n_test
-    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-            "test": order[n_train + n_val:]}
+    cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
     return {image: split for split, members in cuts.items() for image in members}
 
 
-def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
-            revision: str | None = None, image_column: str | None = None,
-            caption_column: str | None = None, split: str = "70/15/15", seed: int = 0,
-            min_word_count: int = 5, max_length: int = 50, console=None) -> dict:
+def prepare(
+    source: Path | None,
+    workdir: Path,
+    *,
+    hf: str | None = None,
+    revision: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    split: str = "70/15/15",
+    seed: int = 0,
+    min_word_count: int = 5,
+    max_length: int = 50,
+    console=None,
+) -> dict:
     """Clean, split and tokenise SOURCE into WORKDIR; returns the report (also written as JSON).
 
     `console` (a rich Console) shows progress while images are checked.
@@ -119,8 +127,9 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
     if max_length < 1:
         raise UserError("--max-length must be at least 1")
     workdir = Path(workdir)
-    src = open_source(source, workdir, hf=hf, revision=revision, image_column=image_column,
-                      caption_column=caption_column)
+    src = open_source(
+        source, workdir, hf=hf, revision=revision, image_column=image_column, caption_column=caption_column
+    )
 
     images: dict[Path, tuple[str, str]] = {}  # path -> (id, where first named)
     captions: dict[Path, list[str]] = {}  # path -> cleaned captions, in row order
@@ -151,10 +160,10 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
             kept_set.add(cleaned)
 
     checked = []
-    for path, (image_id, where) in _progress(sorted(images.items(), key=lambda kv: kv[1][0]),
-                                             "checking images", console):
-        problem = ("no_caption", "every caption was dropped") if not captions[path] else \
-            image_problem(path)
+    for path, (image_id, where) in _progress(
+        sorted(images.items(), key=lambda kv: kv[1][0]), "checking images", console
+    ):
+        problem = ("no_caption", "every caption was dropped") if not captions[path] else image_problem(path)
         if problem:
             _drop_image(dropped_images, image_id, where, *problem, captions=len(captions[path]))
         else:
@@ -163,27 +172,37 @@ def prepare(source: Path | None, workdir: Path, *, hf: str | None = None,
         raise UserError(_nothing_left(src.description, rows_read, dropped_images, dropped_captions))
 
     assignment = split_images([image_id for image_id, _ in checked], fractions, seed)
-    records = [Record(id=image_id, path=str(path), split=assignment[image_id],
-                      captions=captions[path]) for image_id, path in checked]
+    records = [
+        Record(id=image_id, path=str(path), split=assignment[image_id], captions=captions[path])
+        for image_id, path in checked
+    ]
     by_split = {name: [r for r in records if r.split == name] for name in SPLITS}
     if not by_split["train"]:
-        raise UserError(f"{len(records)} usable image(s) leave none for training with "
-                        f"--split {split}")
-    vocab = Vocabulary.build((c.split() for r in by_split["train"] for c in r.captions),
-                             min_count=min_word_count)
+        raise UserError(f"{len(records)} usable image(s) leave none for training with --split {split}")
+    vocab = Vocabulary.build((c.split() for r in by_split["train"] for c in r.captions), min_count=min_word_count)
 
     report = {
         "source": src.description,
         "workdir": str(workdir),
         "files": {"manifest": MANIFEST_NAME, "vocab": VOCAB_NAME, "report": REPORT_NAME},
-        "settings": {"split": split, "seed": seed, "min_word_count": min_word_count,
-                     "max_length": max_length, "image_column": image_column,
-                     "caption_column": caption_column},
+        "settings": {
+            "split": split,
+            "seed": seed,
+            "min_word_count": min_word_count,
+            "max_length": max_length,
+            "image_column": image_column,
+            "caption_column": caption_column,
+        },
         "rows_read": rows_read,
-        "splits": {name: {"images": len(members), "captions": sum(len(r.captions) for r in members)}
-                   for name, members in by_split.items()},
-        "vocabulary": {"size": len(vocab), "min_word_count": min_word_count,
-                       "val_token_coverage": _coverage(vocab, by_split["val"])},
+        "splits": {
+            name: {"images": len(members), "captions": sum(len(r.captions) for r in members)}
+            for name, members in by_split.items()
+        },
+        "vocabulary": {
+            "size": len(vocab),
+            "min_word_count": min_word_count,
+            "val_token_coverage": _coverage(vocab, by_split["val"]),
+        },
         "dropped_images": list(dropped_images.values()),
         "dropped_captions": dropped_captions,
         "notes": src.notes,
@@ -204,13 +223,11 @@ def _write_outputs(workdir: Path, records: list[Record], vocab: Vocabulary, repo
         staging.mkdir(exist_ok=True)
         write_manifest(staging, records)
         vocab.save(staging / VOCAB_NAME)
-        atomic_write_bytes(staging / REPORT_NAME,
-                           (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(staging / REPORT_NAME, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
-            raise UserError(f"cannot write to {workdir}: {e.strerror or e}; its previous "
-                            "files are unchanged") from None
+            raise UserError(f"cannot write to {workdir}: {e.strerror or e}; its previous files are unchanged") from None
         raise
     for name in (MANIFEST_NAME, VOCAB_NAME, REPORT_NAME):  # the report, last, marks a finished run
         os.replace(staging / name, workdir / name)
@@ -222,14 +239,12 @@ def _entry(image: str, where: str, rule: str, reason: str, caption: str) -> dict
     return {"image": image, "where": where, "rule": rule, "reason": reason, "caption": caption}
 
 
-def _drop_image(dropped: dict[str, dict], image: str, where: str, rule: str, reason: str,
-                captions: int = 1) -> None:
+def _drop_image(dropped: dict[str, dict], image: str, where: str, rule: str, reason: str, captions: int = 1) -> None:
     """One report entry per image, however many rows named it; `captions` counts them."""
     if image in dropped:
         dropped[image]["captions"] += captions
     else:
-        dropped[image] = {"image": image, "where": where, "rule": rule, "reason": reason,
-                          "captions": captions}
+        dropped[image] = {"image": image, "where": where, "rule": rule, "reason": reason, "captions": captions}
 
 
 def _coverage(vocab: Vocabulary, records: list[Record]) -> float | None:
@@ -240,8 +255,7 @@ def _coverage(vocab: Vocabulary, records: list[Record]) -> float | None:
     return round(sum(t in vocab.stoi for t in tokens) / len(tokens), 4)
 
 
-def _nothing_left(description: str, rows: int, images: dict[str, dict],
-                  captions: list[dict]) -> str:
+def _nothing_left(description: str, rows: int, images: dict[str, dict], captions: list[dict]) -> str:
     reasons = Counter(e["rule"] for e in images.values()) + Counter(e["rule"] for e in captions)
     why = ", ".join(f"{n} {rule}" for rule, n in reasons.most_common(4))
     return f"nothing usable in {description}: {rows} row(s) read" + (f", dropped: {why}" if why else "")
@@ -265,18 +279,23 @@ def print_summary(report: dict, console) -> None:
         splits.add_column(column, justify="left" if column == "split" else "right")
     for name, counts in report["splits"].items():
         splits.add_row(name, str(counts["images"]), str(counts["captions"]))
-    splits.add_row("total", str(sum(c["images"] for c in report["splits"].values())),
-                   str(sum(c["captions"] for c in report["splits"].values())), style="bold")
+    splits.add_row(
+        "total",
+        str(sum(c["images"] for c in report["splits"].values())),
+        str(sum(c["captions"] for c in report["splits"].values())),
+        style="bold",
+    )
     console.print(splits)
 
     vocab = report["vocabulary"]
     coverage = vocab["val_token_coverage"]
-    console.print(f"vocabulary: {vocab['size']} tokens (words seen >= {vocab['min_word_count']} "
-                  f"times in train); val token coverage: "
-                  f"{'n/a' if coverage is None else f'{coverage:.1%}'}")
+    console.print(
+        f"vocabulary: {vocab['size']} tokens (words seen >= {vocab['min_word_count']} "
+        f"times in train); val token coverage: "
+        f"{'n/a' if coverage is None else f'{coverage:.1%}'}"
+    )
 
-    dropped = [("image", e) for e in report["dropped_images"]] + \
-              [("caption", e) for e in report["dropped_captions"]]
+    dropped = [("image", e) for e in report["dropped_images"]] + [("caption", e) for e in report["dropped_captions"]]
     if dropped:
         table = Table(title="dropped", title_justify="left")
         for column in ("what", "rule", "count", "example"):
@@ -294,5 +313,7 @@ def print_summary(report: dict, console) -> None:
         console.print("nothing dropped")
     for note in report["notes"]:
         console.print(f"note: {note}")
-    console.print(f"wrote {report['files']['manifest']}, {report['files']['vocab']} and "
-                  f"{report['files']['report']} (every dropped item and why) in {report['workdir']}")
+    console.print(
+        f"wrote {report['files']['manifest']}, {report['files']['vocab']} and "
+        f"{report['files']['report']} (every dropped item and why) in {report['workdir']}"
+    )

@@ -33,13 +33,22 @@ from store.images import IMAGE_EXTENSIONS
 
 # Header names we recognise, normalised (lower case, runs of other characters -> "_"), in order
 # of preference: `text` (the human caption of the pexel dataset) beats `generated_caption`.
-IMAGE_COLUMNS = ("image", "image_path", "image_name", "image_file", "img", "filename",
-                 "file_name", "file", "path", "photo", "picture")
-CAPTION_COLUMNS = ("caption", "captions", "text", "comment", "description", "sentence",
-                   "raw", "generated_caption")
+IMAGE_COLUMNS = (
+    "image",
+    "image_path",
+    "image_name",
+    "image_file",
+    "img",
+    "filename",
+    "file_name",
+    "file",
+    "path",
+    "photo",
+    "picture",
+)
+CAPTION_COLUMNS = ("caption", "captions", "text", "comment", "description", "sentence", "raw", "generated_caption")
 # Caption files looked for by name (case-insensitive) when SOURCE is a folder.
-CAPTION_FILES = ("captions.csv", "captions.txt", "captions.tsv", "flickr8k.token.txt",
-                 "results.csv")
+CAPTION_FILES = ("captions.csv", "captions.txt", "captions.tsv", "flickr8k.token.txt", "results.csv")
 IMAGES_DIR = "images"
 
 _FLICKR_SUFFIX = re.compile(r"(\.[A-Za-z]+)#\d+$")  # "1000268201_693b08cb0e.jpg#0"
@@ -72,9 +81,15 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-def open_source(source: Path | None, workdir: Path, *, hf: str | None = None,
-                revision: str | None = None, image_column: str | None = None,
-                caption_column: str | None = None) -> Source:
+def open_source(
+    source: Path | None,
+    workdir: Path,
+    *,
+    hf: str | None = None,
+    revision: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> Source:
     """The rows of SOURCE (a folder, a caption file, a parquet file) or of the `hf` dataset.
 
     Raises UserError when the source as a whole cannot be read: no such file, no caption file
@@ -87,10 +102,11 @@ def open_source(source: Path | None, workdir: Path, *, hf: str | None = None,
         folder = fetch_hf(hf, revision)
         files = parquet_files(folder)
         if not files:
-            raise UserError(f"Hugging Face dataset {hf} has no parquet files at revision "
-                            f"{revision or 'main'}; try --revision refs/convert/parquet")
-        return _parquet_source(files, workdir, f"hf:{hf}@{revision or 'main'}",
-                               image_column, caption_column)
+            raise UserError(
+                f"Hugging Face dataset {hf} has no parquet files at revision "
+                f"{revision or 'main'}; try --revision refs/convert/parquet"
+            )
+        return _parquet_source(files, workdir, f"hf:{hf}@{revision or 'main'}", image_column, caption_column)
     if source is None:
         raise UserError("give a SOURCE (a folder, a captions CSV/txt or parquet files) or --hf NAME")
     source = Path(source)
@@ -106,8 +122,7 @@ def open_source(source: Path | None, workdir: Path, *, hf: str | None = None,
     files = parquet_files(source)
     if files:
         return _parquet_source(files, workdir, str(source), image_column, caption_column)
-    raise UserError(f"no caption file ({', '.join(CAPTION_FILES)}, *.csv) or parquet files in "
-                    f"{source}")
+    raise UserError(f"no caption file ({', '.join(CAPTION_FILES)}, *.csv) or parquet files in {source}")
 
 
 def find_captions_file(folder: Path) -> Path | None:
@@ -123,8 +138,10 @@ def find_captions_file(folder: Path) -> Path | None:
             return by_name[name]
     tables = [p for p in top if p.suffix.lower() in (".csv", ".tsv")]
     if len(tables) > 1:
-        raise UserError(f"several CSV files in {folder} ({', '.join(p.name for p in tables)}): "
-                        "pass the one with the captions as SOURCE")
+        raise UserError(
+            f"several CSV files in {folder} ({', '.join(p.name for p in tables)}): "
+            "pass the one with the captions as SOURCE"
+        )
     if tables:
         return tables[0]
     for pattern in ("*/*", "*/*/*"):
@@ -137,8 +154,9 @@ def find_captions_file(folder: Path) -> Path | None:
 def parquet_files(folder: Path) -> list[Path]:
     """Parquet files under `folder`, sorted, skipping hidden folders such as `.cache`."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*.parquet")
-                  if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p for p in folder.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def fetch_hf(name: str, revision: str | None) -> Path:
@@ -149,12 +167,14 @@ def fetch_hf(name: str, revision: str | None) -> Path:
         raise UserError("--hf needs huggingface_hub: pip install 'legende[hf]'") from None
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id=name, repo_type="dataset", revision=revision, allow_patterns="*.parquet")
+            repo_id=name, repo_type="dataset", revision=revision, allow_patterns="*.parquet"
+        )
     except (OSError, ValueError) as e:  # network, not found, gated, offline, bad id
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot fetch Hugging Face dataset {name}"
-                        f"{'@' + revision if revision else ''}: {type(e).__name__} {first_line}"
-                        ) from None
+        raise UserError(
+            f"cannot fetch Hugging Face dataset {name}"
+            f"{'@' + revision if revision else ''}: {type(e).__name__} {first_line}"
+        ) from None
     return Path(folder)
 
 
@@ -196,8 +216,7 @@ class PathResolver:
         candidates = [Path(os.path.normpath(base / written_path)) for base in self.bases]
         inside = [c for c in candidates if self._inside(c)]
         if not inside:
-            return Row(text, None, "", "", "outside_dataset",
-                       f"path outside the dataset folder {self.root}")
+            return Row(text, None, "", "", "outside_dataset", f"path outside the dataset folder {self.root}")
         for path in inside:
             try:
                 if path.exists():
@@ -209,8 +228,7 @@ class PathResolver:
             if len(hits) == 1:
                 return self._row(hits[0])
             if len(hits) > 1:
-                return Row(text, None, "", "", "ambiguous",
-                           f"{len(hits)} files named {text} under {self.root}")
+                return Row(text, None, "", "", "ambiguous", f"{len(hits)} files named {text} under {self.root}")
         return self._row(inside[0])  # missing: prepare reports it with the path tried
 
     def _row(self, path: Path) -> Row:
@@ -233,18 +251,17 @@ class PathResolver:
 # --- CSV, TSV, captions.txt, Flickr8k.token.txt ------------------------------------------------
 
 
-def _text_source(path: Path, root: Path, image_column: str | None,
-                 caption_column: str | None) -> Source:
+def _text_source(path: Path, root: Path, image_column: str | None, caption_column: str | None) -> Source:
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
     source = Source(str(path), iter(()))
-    source.rows = _text_rows(path, PathResolver(root, path.parent), image_column,
-                             caption_column, source.notes)
+    source.rows = _text_rows(path, PathResolver(root, path.parent), image_column, caption_column, source.notes)
     return source
 
 
-def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
-               caption_column: str | None, notes: list[str]) -> Iterator[Row]:
+def _text_rows(
+    path: Path, resolver: PathResolver, image_column: str | None, caption_column: str | None, notes: list[str]
+) -> Iterator[Row]:
     with open(path, "rb") as f:
         lines = _decoded_lines(f, path, notes)
         first_line = next(lines, "")
@@ -256,8 +273,7 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
             first = next(reader)
         except csv.Error as e:
             raise UserError(f"{path}: not a caption table ({e})") from None
-        img_idx, cap_idx, has_header = _layout([c.strip() for c in first], path, image_column,
-                                               caption_column)
+        img_idx, cap_idx, has_header = _layout([c.strip() for c in first], path, image_column, caption_column)
         ncols = len(first)
         if not has_header:
             yield _text_row(first, img_idx, cap_idx, ncols, delimiter, f"{path.name}:1", resolver)
@@ -273,12 +289,17 @@ def _text_rows(path: Path, resolver: PathResolver, image_column: str | None,
                 continue
             if swallowed := _swallowed_lines(cells, delimiter):
                 start = reader.line_num - swallowed
-                yield Row("", None, "", f"{path.name}:{start}", "malformed",
-                          f"a quote opened on line {start} is not closed, so lines {start}-{reader.line_num} "
-                          "were read as one row; close the quote")
+                yield Row(
+                    "",
+                    None,
+                    "",
+                    f"{path.name}:{start}",
+                    "malformed",
+                    f"a quote opened on line {start} is not closed, so lines {start}-{reader.line_num} "
+                    "were read as one row; close the quote",
+                )
                 continue
-            yield _text_row(cells, img_idx, cap_idx, ncols, delimiter,
-                            f"{path.name}:{reader.line_num}", resolver)
+            yield _text_row(cells, img_idx, cap_idx, ncols, delimiter, f"{path.name}:{reader.line_num}", resolver)
 
 
 def _swallowed_lines(cells: list[str], delimiter: str) -> int:
@@ -292,14 +313,16 @@ def _swallowed_lines(cells: list[str], delimiter: str) -> int:
     return sum(max(len(cell_lines) - 1, 0) for cell_lines in lines)
 
 
-def _text_row(cells: list[str], img_idx: int, cap_idx: int, ncols: int, delimiter: str,
-              where: str, resolver: PathResolver) -> Row:
+def _text_row(
+    cells: list[str], img_idx: int, cap_idx: int, ncols: int, delimiter: str, where: str, resolver: PathResolver
+) -> Row:
     if len(cells) > ncols and cap_idx == ncols - 1 and img_idx < cap_idx:
         # an unquoted delimiter inside the last column, the caption: keep it as text
         cells = cells[:cap_idx] + [delimiter.join(cells[cap_idx:])]
     if len(cells) != ncols:
-        return Row("", None, delimiter.join(cells), where, "malformed",
-                   f"{len(cells)} fields where the file has {ncols}")
+        return Row(
+            "", None, delimiter.join(cells), where, "malformed", f"{len(cells)} fields where the file has {ncols}"
+        )
     found = resolver.resolve(cells[img_idx])
     return Row(found.image, found.path, cells[cap_idx].strip(), where, found.rule, found.reason)
 
@@ -365,8 +388,9 @@ def _looks_like_image(cell: str) -> bool:
     return PurePosixPath(text.replace("\\", "/")).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _layout(first: list[str], path: Path, image_column: str | None,
-            caption_column: str | None) -> tuple[int, int, bool]:
+def _layout(
+    first: list[str], path: Path, image_column: str | None, caption_column: str | None
+) -> tuple[int, int, bool]:
     """(image column, caption column, whether the first line is a header)."""
     img_idx = _pick_column(first, image_column, IMAGE_COLUMNS)
     cap_idx = _pick_column(first, caption_column, CAPTION_COLUMNS)
@@ -382,22 +406,23 @@ def _layout(first: list[str], path: Path, image_column: str | None,
         return looks[0], 1 - looks[0], False
     missing = "image" if img_idx is None else "caption"
     shown = " ".join(", ".join(first).split())[:120]  # one line, even for a binary file
-    raise UserError(f"{path}: no recognisable {missing} column (first line: "
-                    f"{shown}); name it with --{missing}-column")
+    raise UserError(f"{path}: no recognisable {missing} column (first line: {shown}); name it with --{missing}-column")
 
 
 # --- parquet ------------------------------------------------------------------------------------
 
 
-def _parquet_source(files: list[Path], workdir: Path, description: str,
-                    image_column: str | None, caption_column: str | None) -> Source:
+def _parquet_source(
+    files: list[Path], workdir: Path, description: str, image_column: str | None, caption_column: str | None
+) -> Source:
     source = Source(description, iter(()))
     source.rows = _parquet_rows(files, workdir, image_column, caption_column, source.notes)
     return source
 
 
-def _parquet_rows(files: list[Path], workdir: Path, image_column: str | None,
-                  caption_column: str | None, notes: list[str]) -> Iterator[Row]:
+def _parquet_rows(
+    files: list[Path], workdir: Path, image_column: str | None, caption_column: str | None, notes: list[str]
+) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -414,19 +439,18 @@ def _parquet_rows(files: list[Path], workdir: Path, image_column: str | None,
         resolver = PathResolver(path.parent, path.parent)
         index = 0
         for batch in table.iter_batches(batch_size=64, columns=[img_col, cap_col]):
-            for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
-                                      strict=True):
+            for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
                 where = f"{path.name} row {index}"
                 index += 1
                 found = _parquet_image(image, out, resolver)
                 captions = caption if isinstance(caption, list) else [caption]
                 for text in captions:
-                    yield Row(found.image, found.path, "" if text is None else str(text), where,
-                              found.rule, found.reason)
+                    yield Row(
+                        found.image, found.path, "" if text is None else str(text), where, found.rule, found.reason
+                    )
 
 
-def _parquet_columns(schema, path: Path, image_column: str | None,
-                     caption_column: str | None) -> tuple[str, str]:
+def _parquet_columns(schema, path: Path, image_column: str | None, caption_column: str | None) -> tuple[str, str]:
     """Image and caption columns by the given or a known name; else the image column is the
     first holding bytes (a struct with a `bytes` field, or a binary column)."""
     import pyarrow as pa
@@ -445,8 +469,9 @@ def _parquet_columns(schema, path: Path, image_column: str | None,
                 break
     if img_idx is None or cap_idx is None or img_idx == cap_idx:
         missing = "image" if img_idx is None else "caption"
-        raise UserError(f"{path}: no recognisable {missing} column (columns: {', '.join(names)}); "
-                        f"name it with --{missing}-column")
+        raise UserError(
+            f"{path}: no recognisable {missing} column (columns: {', '.join(names)}); name it with --{missing}-column"
+        )
     return names[img_idx], names[cap_idx]
 
 
@@ -486,8 +511,14 @@ def extract_image(data: bytes, out: Path, written: str | None = None) -> Path:
     return path
 
 
-_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
-          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+_MAGIC = (
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"\x89PNG", ".png"),
+    (b"GIF8", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+)
 
 
 def _sniff_suffix(data: bytes) -> str:

@@ -81,8 +81,13 @@ def random_scene(rng: random.Random) -> Scene:
     if rng.random() < 0.4:
         place = rng.choice(sorted(PLACES))
         x, y = PLACES[place]
-        shape = Shape(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)),
-                      x + rng.uniform(-JITTER, JITTER), y + rng.uniform(-JITTER, JITTER))
+        shape = Shape(
+            rng.choice(SHAPES),
+            rng.choice(sorted(COLOURS)),
+            rng.choice(sorted(SIZES)),
+            x + rng.uniform(-JITTER, JITTER),
+            y + rng.uniform(-JITTER, JITTER),
+        )
         return Scene((shape,), background, grey, place=place)
     vertical = rng.random() < 0.5
     colours = rng.sample(sorted(COLOURS), 2)

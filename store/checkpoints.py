@@ -56,7 +56,9 @@ def load_checkpoint(path: Path) -> dict:
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise UserError(f"{path} is not a légende checkpoint (missing {', '.join(missing)})")
     if state["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {state['format_version']}; this légende reads up to {FORMAT_VERSION}")
+        raise UserError(
+            f"{path} has format version {state['format_version']}; this légende reads up to {FORMAT_VERSION}"
+        )
     return state
 
 

@@ -62,7 +62,13 @@ FEATURE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "resize
 # What `featurize --resume` requires of an existing store: the meaning and also how the features were
 # computed and laid out. A store disagreeing on any of them is another store.
 IDENTITY_KEYS = (
-    "schema_version", *FEATURE_IDENTITY, "flip", "precision", "chunk_rows", "num_rows", "dim",
+    "schema_version",
+    *FEATURE_IDENTITY,
+    "flip",
+    "precision",
+    "chunk_rows",
+    "num_rows",
+    "dim",
 )
 
 
@@ -78,8 +84,12 @@ def store_identity(store: FeatureStore) -> dict:
     weights file is (so `caption` can rebuild the CNN from a PATH source) and the precision the
     features were computed in (so `caption` computes new ones the same way)."""
     attrs = {**store.attrs, "images_sha256": store.images_sha256}
-    return {**{k: attrs.get(k) for k in FEATURE_IDENTITY}, "manifest_sha256": attrs.get("manifest_sha256"),
-            "weights_path": attrs.get("weights_path", ""), "precision": attrs.get("precision", "fp32")}
+    return {
+        **{k: attrs.get(k) for k in FEATURE_IDENTITY},
+        "manifest_sha256": attrs.get("manifest_sha256"),
+        "weights_path": attrs.get("weights_path", ""),
+        "precision": attrs.get("precision", "fp32"),
+    }
 
 
 def check_store_matches(store: FeatureStore, expected: dict, what: str) -> None:
@@ -87,9 +97,16 @@ def check_store_matches(store: FeatureStore, expected: dict, what: str) -> None:
 
     Checkpoints written before stores had `images_sha256` recorded the manifest's hash instead."""
     have = store_identity(store)
-    keys = FEATURE_IDENTITY if "images_sha256" in expected else (*_without(FEATURE_IDENTITY, "images_sha256"), "manifest_sha256")
-    diffs = [f"{k}: {what} has {expected.get(k)!r}, store has {have.get(k)!r}"
-             for k in keys if k in expected and str(expected.get(k)) != str(have.get(k))]
+    keys = (
+        FEATURE_IDENTITY
+        if "images_sha256" in expected
+        else (*_without(FEATURE_IDENTITY, "images_sha256"), "manifest_sha256")
+    )
+    diffs = [
+        f"{k}: {what} has {expected.get(k)!r}, store has {have.get(k)!r}"
+        for k in keys
+        if k in expected and str(expected.get(k)) != str(have.get(k))
+    ]
     if diffs:
         raise UserError(f"{store.path} does not match {what} ({'; '.join(diffs)})")
 
@@ -105,7 +122,10 @@ def find_store(workdir: Path, weights: str | None = None) -> Path:
     if weights is not None:
         path = store_path(workdir, weights)
         if not path.is_file():
-            raise UserError(f"no feature store {path}{_unfinished_hint(path)}: run `python cli.py featurize {workdir} --weights {weights}`")
+            raise UserError(
+                f"no feature store {path}{_unfinished_hint(path)}: "
+                f"run `python cli.py featurize {workdir} --weights {weights}`"
+            )
         return path
     stores = sorted(folder.glob("*.h5"))
     if len(stores) == 1:
@@ -150,11 +170,16 @@ class FeatureStore:
         try:
             file = h5py.File(path, "r")
         except OSError as e:
-            raise UserError(f"{path} is not a readable HDF5 file ({e}): rebuild it with featurize --overwrite") from None
+            raise UserError(
+                f"{path} is not a readable HDF5 file ({e}): rebuild it with featurize --overwrite"
+            ) from None
         version = file.attrs.get("schema_version")
         if version != SCHEMA_VERSION or "features" not in file:
             file.close()
-            raise UserError(f"{path} has store schema {version}, this version reads {SCHEMA_VERSION}: rebuild it with featurize --overwrite")
+            raise UserError(
+                f"{path} has store schema {version}, this version reads {SCHEMA_VERSION}: "
+                "rebuild it with featurize --overwrite"
+            )
         return cls(path, file)
 
     def read(self, rows: np.ndarray | slice) -> np.ndarray:
@@ -195,7 +220,9 @@ class StoreWriter:
     the shards of their own chunks, and rank 0 assembles them all.
     """
 
-    def __init__(self, path: Path, attrs: dict, paths: list[str], *, resume: bool, overwrite: bool, follower: bool = False) -> None:
+    def __init__(
+        self, path: Path, attrs: dict, paths: list[str], *, resume: bool, overwrite: bool, follower: bool = False
+    ) -> None:
         self.path = Path(path)
         self.attrs = {"schema_version": SCHEMA_VERSION, **attrs}
         self.paths = list(paths)
@@ -218,16 +245,26 @@ class StoreWriter:
         if overwrite:
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
-        existing = [(p, a) for p, a in ((self.path, _h5_attrs(self.path)), (self.parts, _parts_attrs(self.parts))) if a is not None]
+        existing = [
+            (p, a)
+            for p, a in ((self.path, _h5_attrs(self.path)), (self.parts, _parts_attrs(self.parts)))
+            if a is not None
+        ]
         for where, attrs in existing:
             diffs = attr_differences(attrs, self.attrs)
             if diffs:
-                raise UserError(f"{where} was built with other settings ({'; '.join(diffs)}): pass --overwrite to rebuild it")
+                raise UserError(
+                    f"{where} was built with other settings ({'; '.join(diffs)}): pass --overwrite to rebuild it"
+                )
         if existing and not resume:
             if self.path.is_file():
-                raise UserError(f"{self.path} already exists: pass --resume to complete it, or --overwrite to rebuild it")
-            raise UserError(f"an interrupted run left {len(list(self._shards()))} finished chunks of {self.path}: "
-                            "pass --resume to complete it, or --overwrite to start again")
+                raise UserError(
+                    f"{self.path} already exists: pass --resume to complete it, or --overwrite to rebuild it"
+                )
+            raise UserError(
+                f"an interrupted run left {len(list(self._shards()))} finished chunks of {self.path}: "
+                "pass --resume to complete it, or --overwrite to start again"
+            )
         for stale in self.parts.glob("*.tmp"):  # shards a kill interrupted mid-write
             stale.unlink()
 
@@ -246,7 +283,9 @@ class StoreWriter:
                 chunks.append(Chunk(index, rows))
         return chunks
 
-    def write_chunk(self, chunk: Chunk, features: np.ndarray, boxes: np.ndarray, flipped: np.ndarray, failed: list[str]) -> None:
+    def write_chunk(
+        self, chunk: Chunk, features: np.ndarray, boxes: np.ndarray, flipped: np.ndarray, failed: list[str]
+    ) -> None:
         """Record one chunk atomically: features float16 (n, K, D) for its rows (zeros where failed)."""
         n = chunk.rows.size
         assert features.shape[0] == boxes.shape[0] == flipped.shape[0] == len(failed) == n
@@ -256,8 +295,12 @@ class StoreWriter:
         final = self.parts / f"chunk_{chunk.index:06d}.npz"
         with safe_write(final, tmp=final.with_suffix(".tmp")) as f:
             np.savez(
-                f, rows=chunk.rows, features=features.astype(np.float16), boxes=boxes.astype(np.int32),
-                flipped=flipped.astype(bool), failed=np.asarray(failed, dtype=str).reshape(n),
+                f,
+                rows=chunk.rows,
+                features=features.astype(np.float16),
+                boxes=boxes.astype(np.int32),
+                flipped=flipped.astype(bool),
+                failed=np.asarray(failed, dtype=str).reshape(n),
             )
 
     def finish(self) -> Path:
@@ -281,7 +324,9 @@ class StoreWriter:
     def _assemble(self, out: h5py.File, old: h5py.File | None, shards: dict[int, Path]) -> None:
         n, k, d, c = self.num_rows, int(self.attrs["num_crops"]), int(self.attrs["dim"]), self.chunk_rows
         text = h5py.string_dtype("utf-8")
-        feats = out.create_dataset("features", (n, k, d), dtype=np.float16, chunks=(min(c, max(n, 1)), k, d), fillvalue=0)
+        feats = out.create_dataset(
+            "features", (n, k, d), dtype=np.float16, chunks=(min(c, max(n, 1)), k, d), fillvalue=0
+        )
         out.create_dataset("paths", data=np.array(self.paths, dtype=object), dtype=text)
         boxes = out.create_dataset("boxes", (n, k, 4), dtype=np.int32)
         flipped = out.create_dataset("flipped", (n, k), dtype=bool)
@@ -294,8 +339,11 @@ class StoreWriter:
             else:
                 size = rows.stop - rows.start
                 block = {
-                    "features": np.zeros((size, k, d), np.float16), "boxes": np.zeros((size, k, 4), np.int32),
-                    "flipped": np.zeros((size, k), bool), "done": np.zeros(size, bool), "failed": np.full(size, b"", object),
+                    "features": np.zeros((size, k, d), np.float16),
+                    "boxes": np.zeros((size, k, 4), np.int32),
+                    "flipped": np.zeros((size, k), bool),
+                    "done": np.zeros(size, bool),
+                    "failed": np.full(size, b"", object),
                 }
             if index in shards:
                 _overlay(block, shards[index], rows.start)
@@ -305,7 +353,9 @@ class StoreWriter:
             done[rows] = block["done"]
             failed[rows] = block["failed"]
         for key, value in self.attrs.items():
-            out.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses (TorchVersion) confuse h5py
+            out.attrs[key] = (
+                str(value) if isinstance(value, str) else value
+            )  # str subclasses (TorchVersion) confuse h5py
 
     def _shards(self) -> Iterator[tuple[int, Path]]:
         if self.parts.is_dir():
@@ -405,4 +455,3 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return value
-

@@ -67,7 +67,7 @@ def remove_stale_temporaries(path: Path) -> None:
     longer run, as after a kill -9 or a power cut mid-write; a live writer's are left alone."""
     path = Path(path)
     for tmp in path.parent.glob(glob.escape(path.name) + ".tmp*"):
-        _remove_if_stale(tmp, tmp.name[len(path.name) + len(".tmp"):])
+        _remove_if_stale(tmp, tmp.name[len(path.name) + len(".tmp") :])
 
 
 def remove_stale_temporaries_in(folder: Path) -> None:

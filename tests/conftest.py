@@ -55,5 +55,7 @@ def featurized(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("featurized")
     run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
     run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
-    run_cli("featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80)
+    run_cli(
+        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80
+    )
     return root / "work"

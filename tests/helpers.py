@@ -10,8 +10,13 @@ def run_cli(*args: str, check: bool = True, **kwargs):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=kwargs.pop("cwd", ROOT),
-                            capture_output=True, text=True, **kwargs)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *map(str, args)],
+        cwd=kwargs.pop("cwd", ROOT),
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"cli {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result

@@ -21,7 +21,9 @@ def trained(featurized, tmp_path_factory):
 
 def test_metrics_on_known_inputs():
     refs = {"a": ["a red circle above a blue square", "a red circle and a blue square"], "b": ["a green triangle"]}
-    perfect, _ = score_captions(refs, {"a": "a red circle above a blue square", "b": "a green triangle"}, use_java=False)
+    perfect, _ = score_captions(
+        refs, {"a": "a red circle above a blue square", "b": "a green triangle"}, use_java=False
+    )
     assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
     wrong, notes = score_captions(refs, {"a": "two yellow stars", "b": "purple"}, use_java=False)
     assert wrong["BLEU-1"] < 0.01 and wrong["CIDEr-D"] == pytest.approx(0.0)
@@ -79,7 +81,20 @@ def test_caption_formats_and_bad_files(trained, featurized, tmp_path):
     assert "skipped" in out.stderr and "broken.jpg" in out.stderr
 
     out_csv = tmp_path / "c.csv"
-    run_cli("caption", photos / "one.png", "--run", trained, "--format", "csv", "--out", out_csv, "--beam", 1, "--workers", 0)
+    run_cli(
+        "caption",
+        photos / "one.png",
+        "--run",
+        trained,
+        "--format",
+        "csv",
+        "--out",
+        out_csv,
+        "--beam",
+        1,
+        "--workers",
+        0,
+    )
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["caption"] and rows[0]["error"] == ""

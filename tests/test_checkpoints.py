@@ -8,8 +8,16 @@ from store.errors import UserError
 
 
 def state(step: int) -> dict:
-    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "epoch": step, "step": step,
-            "phase": "decoder", "config": {"model": {}}, "vocab": ["<pad>"], "rng": torch.get_rng_state()}
+    return {
+        "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+        "epoch": step,
+        "step": step,
+        "phase": "decoder",
+        "config": {"model": {}},
+        "vocab": ["<pad>"],
+        "rng": torch.get_rng_state(),
+    }
 
 
 def test_round_trip_with_weights_only(tmp_path):

@@ -113,7 +113,12 @@ def test_none_is_the_same_random_network_everywhere_and_fits_float16():
 
 def test_encoder_info_identifies_the_weights():
     info = encoder_info("google2015")
-    assert info == {"encoder": ENCODER, "weights": "google2015", "weights_sha256": encoder.GOOGLE2015_SHA256, "weights_path": ""}
+    assert info == {
+        "encoder": ENCODER,
+        "weights": "google2015",
+        "weights_sha256": encoder.GOOGLE2015_SHA256,
+        "weights_path": "",
+    }
     assert encoder_info("none")["weights"] == "none"
 
 

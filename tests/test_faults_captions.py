@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_cli(source: Path, out: Path, *extra: str):
-    return CliRunner().invoke(main, ["prepare", str(source), "--out", str(out),
-                                     "--min-word-count", "1", *extra])
+    return CliRunner().invoke(main, ["prepare", str(source), "--out", str(out), "--min-word-count", "1", *extra])
 
 
 def captions_by_image(workdir: Path) -> dict[str, list[str]]:
@@ -43,10 +42,18 @@ def four_images(tmp_path, tiny_images) -> Path:
     return tmp_path / "data"
 
 
-EXPECTED = {"a.png": ["a dog running on grass"], "b.png": ["two cats one asleep"],
-            "c.png": ["a red car"], "d.png": ["an old man's hat"]}
-ROWS = [("a.png", "A dog, running on grass."), ("b.png", "Two cats; one asleep"),
-        ("c.png", "a red car"), ("d.png", "an old man's hat")]
+EXPECTED = {
+    "a.png": ["a dog running on grass"],
+    "b.png": ["two cats one asleep"],
+    "c.png": ["a red car"],
+    "d.png": ["an old man's hat"],
+}
+ROWS = [
+    ("a.png", "A dog, running on grass."),
+    ("b.png", "Two cats; one asleep"),
+    ("c.png", "a red car"),
+    ("d.png", "an old man's hat"),
+]
 
 
 # --- delimiters and line endings ---------------------------------------------------------------
@@ -84,8 +91,9 @@ def test_unknown_delimiter_is_one_line_naming_the_option(four_images, tmp_path):
 # --- missing columns ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("header, missing", [("image,label", "caption"), ("id,caption", "image"),
-                                             ("picture_id,words", "image")])
+@pytest.mark.parametrize(
+    "header, missing", [("image,label", "caption"), ("id,caption", "image"), ("picture_id,words", "image")]
+)
 def test_missing_column_is_one_line_naming_it(four_images, tmp_path, header, missing):
     (four_images / "captions.csv").write_text(f"{header}\na.png,a dog\n")
     line = one_line_error(prepare_cli(four_images, tmp_path / "work"))
@@ -100,24 +108,31 @@ def test_rows_missing_a_cell_are_reported_and_the_run_goes_on(four_images, tmp_p
         "b.png\n"  # two cells short
         "c.png,a red car,web\n"
         ",no image at all,web\n"
-        "d.png,,web\n")
+        "d.png,,web\n"
+    )
     result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
     assert result.exit_code == 0, result.output
     assert captions_by_image(tmp_path / "work") == {"a.png": ["a dog"], "c.png": ["a red car"]}
     report = json.loads((tmp_path / "work" / REPORT_NAME).read_text())
     rules = sorted((e["where"], e["rule"]) for e in report["dropped_captions"]) + sorted(
-        (e["where"], e["rule"]) for e in report["dropped_images"])
-    assert rules == [("captions.csv:3", "malformed"), ("captions.csv:5", "no_image"),
-                     ("captions.csv:6", "empty"), ("captions.csv:6", "no_caption")]
+        (e["where"], e["rule"]) for e in report["dropped_images"]
+    )
+    assert rules == [
+        ("captions.csv:3", "malformed"),
+        ("captions.csv:5", "no_image"),
+        ("captions.csv:6", "empty"),
+        ("captions.csv:6", "no_caption"),
+    ]
 
 
 def test_an_unclosed_quote_is_reported_with_the_lines_it_swallowed(four_images, tmp_path):
     (four_images / "captions.csv").write_text(
-        'image,caption\n'
-        'a.png,a dog\n'
+        "image,caption\n"
+        "a.png,a dog\n"
         'b.png,"two cats asleep\n'  # the quote is never closed: csv reads to the end of the file
-        'c.png,a red car\n'
-        'd.png,an old hat\n')
+        "c.png,a red car\n"
+        "d.png,an old hat\n"
+    )
     result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
     assert result.exit_code == 0, result.output
     assert captions_by_image(tmp_path / "work") == {"a.png": ["a dog"]}  # no caption full of rows
@@ -136,14 +151,17 @@ def test_a_quoted_caption_broken_over_lines_is_kept(four_images, tmp_path):
 # --- undecodable, empty and binary files -------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "captions.csv is empty"),
-    (b"\xef\xbb\xbf", "captions.csv is empty"),  # a UTF-8 BOM and nothing else
-    (b"  \n\n\n", "captions.csv is empty"),
-    (b"image,caption\n", "nothing usable in"),
-    (bytes(range(256)) * 20, "captions.csv: "),  # binary garbage, CRs and quotes included
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200), "no recognisable image column"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "captions.csv is empty"),
+        (b"\xef\xbb\xbf", "captions.csv is empty"),  # a UTF-8 BOM and nothing else
+        (b"  \n\n\n", "captions.csv is empty"),
+        (b"image,caption\n", "nothing usable in"),
+        (bytes(range(256)) * 20, "captions.csv: "),  # binary garbage, CRs and quotes included
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200), "no recognisable image column"),
+    ],
+)
 def test_empty_and_binary_caption_files_are_one_line_errors(tmp_path, content, message):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "captions.csv").write_bytes(content)
@@ -166,30 +184,39 @@ def test_mixed_encodings_in_one_file(four_images, tmp_path):
         b"a.png,un caf\xc3\xa9 cr\xc3\xa8me\n"  # UTF-8
         b"b.png,un caf\xe9 cr\xe8me\n"  # Latin-1
         b"c.png,a \x93quoted\x94 car\x00\n"  # Windows-1252 quotes and a NUL
-        b"d.png,\xff\xfe junk then words\n")
+        b"d.png,\xff\xfe junk then words\n"
+    )
     result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
     assert result.exit_code == 0, result.output
     assert captions_by_image(tmp_path / "work") == {
-        "a.png": ["un café crème"], "b.png": ["un café crème"], "c.png": ["a quoted car"],
-        "d.png": ["ÿþ junk then words"]}
+        "a.png": ["un café crème"],
+        "b.png": ["un café crème"],
+        "c.png": ["a quoted car"],
+        "d.png": ["ÿþ junk then words"],
+    }
     report = json.loads((tmp_path / "work" / REPORT_NAME).read_text())
-    assert report["notes"] == ["captions.csv: 3 line(s) were not valid UTF-8 and were read as "
-                               "Latin-1"]
+    assert report["notes"] == ["captions.csv: 3 line(s) were not valid UTF-8 and were read as Latin-1"]
 
 
 # --- paths escaping the dataset folder ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("written", [
-    "../../etc/passwd", "images/../../../etc/passwd", "..\\..\\etc\\passwd", "/etc/passwd",
-    "../secret.png", "images/../../secret.png",
-])
+@pytest.mark.parametrize(
+    "written",
+    [
+        "../../etc/passwd",
+        "images/../../../etc/passwd",
+        "..\\..\\etc\\passwd",
+        "/etc/passwd",
+        "../secret.png",
+        "images/../../secret.png",
+    ],
+)
 def test_paths_escaping_the_folder_are_refused_and_never_read(tmp_path, tiny_images, written):
     data = tmp_path / "deep" / "data"
     tiny_images(data / "images", ["a.png", "b.png"])
     tiny_images(tmp_path / "deep", ["secret.png"])  # a real image, just outside the folder
-    (data / "captions.csv").write_text(
-        f"image,caption\nimages/a.png,a dog\nimages/b.png,a cat\n{written},stolen\n")
+    (data / "captions.csv").write_text(f"image,caption\nimages/a.png,a dog\nimages/b.png,a cat\n{written},stolen\n")
     result = prepare_cli(data, tmp_path / "work", "--split", "100/0/0")
     assert result.exit_code == 0, result.output
     assert set(captions_by_image(tmp_path / "work")) == {"images/a.png", "images/b.png"}
@@ -202,8 +229,7 @@ def test_paths_escaping_the_folder_are_refused_and_never_read(tmp_path, tiny_ima
 
 def test_path_too_long_for_the_file_system_is_reported_not_a_crash(four_images, tmp_path):
     long_name = "x" * 300 + "/" + "y" * 5000 + ".png"
-    (four_images / "captions.csv").write_text(
-        f"image,caption\na.png,a dog\n{long_name},a long name\nb.png,a cat\n")
+    (four_images / "captions.csv").write_text(f"image,caption\na.png,a dog\n{long_name},a long name\nb.png,a cat\n")
     result = prepare_cli(four_images, tmp_path / "work", "--split", "100/0/0")
     assert result.exit_code == 0, result.output
     assert set(captions_by_image(tmp_path / "work")) == {"a.png", "b.png"}
@@ -226,9 +252,14 @@ MEASURE = (
 def run_measured(source: Path, out: Path) -> tuple[int, float]:
     """Run `prepare` in a fresh process: (its peak resident memory in kB, seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", MEASURE, "prepare", str(source), "--out",
-                             str(out), "--min-word-count", "1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, "prepare", str(source), "--out", str(out), "--min-word-count", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "120"},
+    )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     peak = [line for line in result.stderr.splitlines() if line.startswith("PEAK_KB")]
@@ -241,8 +272,7 @@ def write_rows(path: Path, n: int) -> None:
     with open(path, "w") as f:
         f.write("image,caption\n")
         for i in range(n):
-            image = f"images/missing{i // 10 % 50}.png" if i % 10 == 0 else \
-                f"images/{'b' if i % 10 == 1 else 'a'}.png"
+            image = f"images/missing{i // 10 % 50}.png" if i % 10 == 0 else f"images/{'b' if i % 10 == 1 else 'a'}.png"
             if i % 100 == 7:
                 caption = "kettle kettle kettle"
             elif i % 1000 == 999:

@@ -31,18 +31,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def state(step: int, numel: int = 256) -> dict:
     """A checkpoint whose every tensor value is `step`, so a mix of two saves would show."""
     value = float(step)
-    return {"model": {"w": torch.full((numel,), value), "b": torch.full((3,), value)},
-            "optimizer": {"state": {0: {"exp_avg": torch.full((numel,), value)}}},
-            "epoch": step, "step": step, "phase": "decoder", "config": {"model": {}},
-            "vocab": ["<pad>", "<start>", "<end>", "<unk>"], "rng": torch.get_rng_state()}
+    return {
+        "model": {"w": torch.full((numel,), value), "b": torch.full((3,), value)},
+        "optimizer": {"state": {0: {"exp_avg": torch.full((numel,), value)}}},
+        "epoch": step,
+        "step": step,
+        "phase": "decoder",
+        "config": {"model": {}},
+        "vocab": ["<pad>", "<start>", "<end>", "<unk>"],
+        "rng": torch.get_rng_state(),
+    }
 
 
 def assert_consistent(checkpoint: dict) -> int:
     """The step of a checkpoint whose tensors all agree with it."""
     step = checkpoint["step"]
     assert checkpoint["epoch"] == step
-    for tensor in (checkpoint["model"]["w"], checkpoint["model"]["b"],
-                   checkpoint["optimizer"]["state"][0]["exp_avg"]):
+    for tensor in (checkpoint["model"]["w"], checkpoint["model"]["b"], checkpoint["optimizer"]["state"][0]["exp_avg"]):
         assert torch.all(tensor == float(step)), f"step {step}: tensor from another save"
     return step
 
@@ -54,8 +59,9 @@ def small_disk(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     mount = tmp_path / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
     try:
@@ -76,8 +82,9 @@ def test_disk_full_keeps_last_and_previous_intact_and_says_why(small_disk):
     with pytest.raises(UserError) as error:  # ~1.6 MB of tensors into 256 KiB
         save_checkpoint(state(3, numel=200_000), folder / "last.pt", keep_previous=True)
     message = str(error.value)
-    assert message == (f"could not write checkpoint {folder / 'last.pt'}: No space left on "
-                       "device; the previous checkpoint is intact")
+    assert message == (
+        f"could not write checkpoint {folder / 'last.pt'}: No space left on device; the previous checkpoint is intact"
+    )
 
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary left
     assert assert_consistent(load_checkpoint(folder / "last.pt")) == 2
@@ -109,11 +116,11 @@ def test_disk_full_during_prepare_keeps_the_previous_outputs(small_disk, tmp_pat
         rows = ["image,caption"]
         for name in names[:n]:
             for j in range(5):  # 40 distinct words: long, not degenerate
-                rows.append(f"images/{name},caption {j} of {name} "
-                            + " ".join(f"word{j}x{k}" for k in range(40)))
+                rows.append(f"images/{name},caption {j} of {name} " + " ".join(f"word{j}x{k}" for k in range(40)))
         (tmp_path / "data" / "captions.csv").write_text("\n".join(rows) + "\n")
-        return CliRunner().invoke(main, ["prepare", str(tmp_path / "data"), "--out", str(work),
-                                         "--min-word-count", "1"])
+        return CliRunner().invoke(
+            main, ["prepare", str(tmp_path / "data"), "--out", str(work), "--min-word-count", "1"]
+        )
 
     assert run(10).exit_code == 0
     first = {p.name: p.read_bytes() for p in work.iterdir()}
@@ -122,8 +129,8 @@ def test_disk_full_during_prepare_keeps_the_previous_outputs(small_disk, tmp_pat
     result = run(300)  # a ~500 KB manifest
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: cannot write to {work}: No space left on device; its previous files are "
-        "unchanged"]
+        f"Error: cannot write to {work}: No space left on device; its previous files are unchanged"
+    ]
     assert {p.name: p.read_bytes() for p in work.iterdir()} == first
 
 
@@ -157,12 +164,13 @@ def test_kill_9_while_saving_leaves_a_resumable_checkpoint(tmp_path, kills):
     resumed_from = 0
     leftovers_seen = 0
     for seed in range(kills):
-        process = subprocess.Popen([sys.executable, "-c", script, str(folder),
-                                    str(resumed_from)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, str(folder), str(resumed_from)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
-        while not (folder / "last.pt").exists() or \
-                (seed > 0 and _newest_step(folder) <= resumed_from):
+        while not (folder / "last.pt").exists() or (seed > 0 and _newest_step(folder) <= resumed_from):
             assert process.poll() is None, process.stderr.read().decode()
             assert time.monotonic() < deadline, "the saver never wrote a checkpoint"
             time.sleep(0.01)

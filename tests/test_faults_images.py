@@ -38,15 +38,15 @@ def png_bytes(array: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
     dtype = ">u2" if bit_depth == 16 else "u1"
     raw = b"".join(b"\x00" + array[y].astype(dtype).tobytes() for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw))
-            + _chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
 
 
 def png_claiming_size(path: Path, width: int, height: int) -> Path:
     """A 60-byte PNG whose header declares width x height RGB pixels and holds none of them."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-                     + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -60,9 +60,9 @@ def upright_quadrants(width: int = 48, height: int = 32) -> np.ndarray:
     """An asymmetric picture: red top-left, green top-right, blue bottom-left, white bottom-right."""
     array = np.zeros((height, width, 3), np.uint8)
     array[: height // 2, : width // 2] = RED
-    array[: height // 2, width // 2:] = GREEN
-    array[height // 2:, : width // 2] = BLUE
-    array[height // 2:, width // 2:] = WHITE
+    array[: height // 2, width // 2 :] = GREEN
+    array[height // 2 :, : width // 2] = BLUE
+    array[height // 2 :, width // 2 :] = WHITE
     return array
 
 
@@ -146,8 +146,7 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     image = open_image(path)
     assert image.mode == "RGB" and image.size == (4, 2)
     # 200/65535 is black, not the 8-bit grey 200; half scale is mid grey, full scale white
-    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (1, 1, 1), (128, 128, 128),
-                                                          (255, 255, 255)]
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (1, 1, 1), (128, 128, 128), (255, 255, 255)]
 
 
 def test_16_bit_colour_and_alpha_pngs(tmp_path):
@@ -175,12 +174,10 @@ def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
     assert image.getpixel((0, 0)) == BLUE and image.getpixel((3, 3)) == WHITE  # not black
 
 
-@pytest.mark.parametrize("name, options", [("a.gif", {}), ("a.png", {}),
-                                           ("a.webp", {"lossless": True})])
+@pytest.mark.parametrize("name, options", [("a.gif", {}), ("a.png", {}), ("a.webp", {"lossless": True})])
 def test_animated_image_gives_its_first_frame(tmp_path, name, options):
     frames = [Image.new("RGB", (6, 4), colour) for colour in (RED, BLUE, GREEN)]
-    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=50,
-                   **options)
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=50, **options)
     assert Image.open(tmp_path / name).n_frames == 3
     image = open_image(tmp_path / name)
     assert image.mode == "RGB" and image.size == (6, 4) and image.getpixel((3, 2)) == RED
@@ -195,8 +192,9 @@ def test_one_pixel_image(tmp_path):
 # --- files that must be refused with a reason --------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt, options", [("JPEG", {}), ("JPEG", {"progressive": True}),
-                                          ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("BMP", {})])
+@pytest.mark.parametrize(
+    "fmt, options", [("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("BMP", {})]
+)
 def test_a_cut_file_is_refused_or_complete_never_half_an_image(tmp_path, fmt, options):
     """Cut the file at every third byte: each prefix either raises ImageError or (when only
     trailing bytes after the pixel data are lost) gives exactly the full image's pixels."""
@@ -225,12 +223,15 @@ def test_truncated_jpeg_reason_says_truncated(tmp_path):
         open_image(tmp_path / "half.jpg")
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
-    (lambda p: p.write_text("I am a caption, not a photo\n"), "cannot decode: cannot identify image"),
-    (lambda p: p.mkdir(), "is a directory"),
-    (lambda p: None, "missing file"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        (lambda p: p.write_text("I am a caption, not a photo\n"), "cannot decode: cannot identify image"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: None, "missing file"),
+    ],
+)
 def test_unusable_files_raise_image_error_with_the_reason(tmp_path, make, reason):
     path = tmp_path / "photo.jpg"
     make(path)
@@ -250,10 +251,13 @@ def test_name_too_long_for_the_file_system_is_a_reason_not_a_crash(tmp_path):
         open_image(tmp_path / ("x" * 5000 + ".jpg"))
 
 
-@pytest.mark.parametrize("width, height, why", [
-    (20000, 20000, "decompression bomb"),  # over Pillow's own limit
-    (9000, 9000, "too large (9000x9000)"),  # under Pillow's limit, over légende's 64 Mpx
-])
+@pytest.mark.parametrize(
+    "width, height, why",
+    [
+        (20000, 20000, "decompression bomb"),  # over Pillow's own limit
+        (9000, 9000, "too large (9000x9000)"),  # under Pillow's limit, over légende's 64 Mpx
+    ],
+)
 def test_decompression_bomb_header_is_refused(tmp_path, width, height, why):
     with pytest.raises(ImageError, match="bomb") as error:
         open_image(png_claiming_size(tmp_path / "bomb.png", width, height))
@@ -276,8 +280,9 @@ def test_decompression_bombs_are_refused_without_allocating_their_pixels(tmp_pat
         "        print('REFUSED', e)\n"
         "print('GROWTH_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, *map(str, paths)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, paths)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["REFUSED", "REFUSED", "GROWTH_KB"]
@@ -295,8 +300,7 @@ def test_prepare_keeps_every_loadable_oddity_and_reports_every_bad_file(tmp_path
     images = data / "images"
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(np.ascontiguousarray(np.rot90(upright_quadrants(), 1))).save(
-        images / "rotated.jpg", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright_quadrants(), 1))).save(images / "rotated.jpg", exif=exif)
     (images / "png_named.jpg").write_bytes(encoded(Image.new("RGB", (5, 3), RED), "PNG"))
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(images / "cmyk.jpg")
     (images / "grey16.png").write_bytes(png_bytes(np.full((4, 4), 40000, np.uint16), 16, 0))
@@ -306,8 +310,7 @@ def test_prepare_keeps_every_loadable_oddity_and_reports_every_bad_file(tmp_path
     frames = [Image.new("RGB", (6, 4), colour) for colour in (RED, BLUE)]
     frames[0].save(images / "anim.gif", save_all=True, append_images=frames[1:])
     Image.new("RGB", (1, 1), GREEN).save(images / "dot.png")
-    good = ["rotated.jpg", "png_named.jpg", "cmyk.jpg", "grey16.png", "palette.png", "anim.gif",
-            "dot.png"]
+    good = ["rotated.jpg", "png_named.jpg", "cmyk.jpg", "grey16.png", "palette.png", "anim.gif", "dot.png"]
 
     jpeg = encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
     (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
@@ -315,17 +318,20 @@ def test_prepare_keeps_every_loadable_oddity_and_reports_every_bad_file(tmp_path
     (images / "text.jpg").write_text("not a photo")
     png_claiming_size(images / "bomb.png", 20000, 20000)
     (images / "folder.jpg").mkdir()
-    bad = {"truncated.jpg": "truncated", "zero.jpg": "empty file (0 bytes)",
-           "text.jpg": "cannot identify image file", "bomb.png": "decompression bomb",
-           "folder.jpg": "is a directory"}
+    bad = {
+        "truncated.jpg": "truncated",
+        "zero.jpg": "empty file (0 bytes)",
+        "text.jpg": "cannot identify image file",
+        "bomb.png": "decompression bomb",
+        "folder.jpg": "is a directory",
+    }
 
     rows = ["image,caption"]
     rows += [f"images/plain{i}.png,a plain square number {i}" for i in range(8)]
     rows += [f"images/{name},a picture called {name.split('.')[0]}" for name in [*good, *bad]]
     (data / "captions.csv").write_text("\n".join(rows) + "\n")
 
-    result = CliRunner().invoke(main, ["prepare", str(data), "--out", str(tmp_path / "work"),
-                                       "--min-word-count", "1"])
+    result = CliRunner().invoke(main, ["prepare", str(data), "--out", str(tmp_path / "work"), "--min-word-count", "1"])
     assert result.exit_code == 0, result.output
     kept = {r.id: r for r in read_manifest(tmp_path / "work")}
     assert set(kept) == {f"images/plain{i}.png" for i in range(8)} | {f"images/{n}" for n in good}

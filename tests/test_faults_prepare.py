@@ -28,8 +28,18 @@ OUTPUTS = (MANIFEST_NAME, VOCAB_NAME, REPORT_NAME)
 
 
 def command(data: Path, work: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "prepare", str(data), "--out", str(work),
-            "--min-word-count", "2", "--seed", "5"]
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "prepare",
+        str(data),
+        "--out",
+        str(work),
+        "--min-word-count",
+        "2",
+        "--seed",
+        "5",
+    ]
 
 
 def run_to_completion(data: Path, work: Path) -> tuple[dict[str, bytes], float]:
@@ -44,8 +54,9 @@ def write_dataset(data: Path, version: int) -> None:
     rows = ["image,caption"]
     for i in range(300):
         for j in range(version):
-            rows.append(f"images/{i:03d}.jpg,a small {['red', 'blue', 'green'][i % 3]} square "
-                        f"number {i % 40} seen {j} times")
+            rows.append(
+                f"images/{i:03d}.jpg,a small {['red', 'blue', 'green'][i % 3]} square number {i % 40} seen {j} times"
+            )
     rows += ["images/missing.jpg,a ghost", "images/000.jpg,kettle kettle kettle"]
     (data / "captions.csv").write_text("\n".join(rows) + "\n")
 
@@ -53,8 +64,7 @@ def write_dataset(data: Path, version: int) -> None:
 def kill_at(data: Path, work: Path, delay: float | None) -> None:
     """Start prepare and SIGKILL it after `delay` seconds, or (None) the moment its staging
     folder appears, that is while it writes its outputs."""
-    process = subprocess.Popen(command(data, work), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(data, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if delay is None:
             deadline = time.monotonic() + 60

@@ -15,6 +15,8 @@ from store.rundir import RunDir
 from tests.helpers import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.slow
+
+
 def kill_after_first_checkpoint(cmd: list[str], checkpoint, delay: float) -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -30,7 +32,8 @@ def same_weights(a, b, keys=("model",)):
     sa = torch.load(RunDir(a).last, weights_only=True)
     sb = torch.load(RunDir(b).last, weights_only=True)
     return sa["step"] == sb["step"] and all(
-        torch.equal(sa[k][n], sb[k][n]) for k in keys for n in sa[k] if torch.is_tensor(sa[k][n]))
+        torch.equal(sa[k][n], sb[k][n]) for k in keys for n in sa[k] if torch.is_tensor(sa[k][n])
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

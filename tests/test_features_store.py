@@ -33,9 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def attrs(**changes) -> dict:
     base = {
-        "encoder": "inception_v3", "weights": "none", "weights_sha256": "", "resize": 356,
-        "crop_size": 299, "num_crops": K, "seed": 0, "flip": False, "precision": "fp32",
-        "chunk_rows": 3, "manifest_sha256": "abc", "num_rows": N, "dim": D, "torch": "x",
+        "encoder": "inception_v3",
+        "weights": "none",
+        "weights_sha256": "",
+        "resize": 356,
+        "crop_size": 299,
+        "num_crops": K,
+        "seed": 0,
+        "flip": False,
+        "precision": "fp32",
+        "chunk_rows": 3,
+        "manifest_sha256": "abc",
+        "num_rows": N,
+        "dim": D,
+        "torch": "x",
     }
     return {**base, **changes}
 
@@ -190,14 +201,20 @@ def test_the_lock_dies_with_a_sigkilled_holder(tmp_path):
     path = store_path(tmp_path, "none")
     path.parent.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from store.features import _acquire_lock
             _acquire_lock(__import__("pathlib").Path({str(path)!r}))
             print("locked", flush=True)
             time.sleep(60)
-        """)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -30,7 +30,15 @@ from store.features import FeatureStore
 from store.manifest import Record, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"weights": "none", "resize": 96, "crop_size": 80, "num_crops": 3, "workers": 0, "batch_size": 4, "precision": "fp32"}
+SMALL = {
+    "weights": "none",
+    "resize": 96,
+    "crop_size": 80,
+    "num_crops": 3,
+    "workers": 0,
+    "batch_size": 4,
+    "precision": "fp32",
+}
 
 
 def make_dataset(folder: Path, n: int, bad: tuple[int, ...] = ()) -> Path:
@@ -106,7 +114,9 @@ def test_resume_never_recomputes_done_rows(tmp_path, monkeypatch):
 
     encoded = []
     real_encode = pipeline.encode
-    monkeypatch.setattr(pipeline, "encode", lambda net, crops, *a: encoded.append(len(crops)) or real_encode(net, crops, *a))
+    monkeypatch.setattr(
+        pipeline, "encode", lambda net, crops, *a: encoded.append(len(crops)) or real_encode(net, crops, *a)
+    )
     path = featurize(work, chunk_rows=2, resume=True, **SMALL)
     assert calls == [[0, 1], [2, 3]] and encoded == [2 * 3]  # only rows 4 and 5, 3 crops each
     assert np.array_equal(read_store(path)["features"], reference)
@@ -138,8 +148,25 @@ def test_encoder_from_needs_a_joint_phase_run(tmp_path):
 
 
 def cli(work: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "featurize", str(work), "--weights", "none", "--crops", "2",
-            "--workers", "0", "--batch-size", "2", "--chunk-rows", "1", "--precision", "fp32", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "featurize",
+        str(work),
+        "--weights",
+        "none",
+        "--crops",
+        "2",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--chunk-rows",
+        "1",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def kill_when(work: Path, shards: int, extra: tuple[str, ...], after_s: float = 0.0) -> None:

@@ -36,7 +36,9 @@ def copy_run(run, tmp_path, name):
 def test_batch_norm_statistics_stay_frozen_and_blocks_before_unfreeze_do_not_train():
     torch.manual_seed(0)
     encoder = build_inception("none")
-    net = JointNet(encoder, Captioner(CaptionerConfig(vocab_size=6, embed_size=8, hidden_size=8)), "Mixed_7a", None).train()
+    net = JointNet(
+        encoder, Captioner(CaptionerConfig(vocab_size=6, embed_size=8, hidden_size=8)), "Mixed_7a", None
+    ).train()
     bn = encoder.Mixed_7c.branch1x1.bn
     before = bn.running_mean.clone()
     images = torch.randint(0, 255, (2, 3, 80, 80), dtype=torch.uint8)
@@ -80,8 +82,21 @@ def test_interrupted_joint_sessions_equal_an_uninterrupted_one(decoder_run, tmp_
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes(decoder_run, tmp_path):
     run = copy_run(decoder_run, tmp_path, "run")
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--run", str(run), "--phase", "joint", "--epochs", "50",
-           "--batch-size", "4", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "train",
+        "--run",
+        str(run),
+        "--phase",
+        "joint",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     batches = RunDir(run).batches_csv
     decoder_rows = len(batches.read_text().splitlines())

@@ -49,8 +49,9 @@ def png_claiming_size(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -76,14 +77,22 @@ def dataset(tmp_path, tiny_images, write_csv):
 
 
 def test_missing_image_truncated_jpeg_and_kettle_caption_are_all_reported(dataset, tmp_path):
-    folder = dataset(10, extra=[["a photo of nothing", "images/missing.jpg"],
-                                ["a broken photo", "images/broken.jpg"],
-                                ["kettle kettle kettle kettle", "images/img00.png"]])
+    folder = dataset(
+        10,
+        extra=[
+            ["a photo of nothing", "images/missing.jpg"],
+            ["a broken photo", "images/broken.jpg"],
+            ["kettle kettle kettle kettle", "images/img00.png"],
+        ],
+    )
     truncated_jpeg(folder / "images" / "broken.jpg")
     report = prepare(folder, tmp_path / "work")
 
-    assert dropped(report) == {"images/missing.jpg": "missing", "images/broken.jpg": "unreadable",
-                               "kettle kettle kettle kettle": "degenerate"}
+    assert dropped(report) == {
+        "images/missing.jpg": "missing",
+        "images/broken.jpg": "unreadable",
+        "kettle kettle kettle kettle": "degenerate",
+    }
     assert report == report_of(tmp_path / "work")
     broken = next(e for e in report["dropped_images"] if e["image"] == "images/broken.jpg")
     assert "truncated" in broken["reason"].lower() and broken["where"] == "captions.csv:23"
@@ -94,17 +103,20 @@ def test_missing_image_truncated_jpeg_and_kettle_caption_are_all_reported(datase
 # --- cleaning rules ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("caption, rule", [
-    ("", "empty"),
-    ("  ?!. ", "empty"),
-    ("kettle kettle kettle", "degenerate"),
-    ("a man with a hat hat hat", "degenerate"),
-    ("dog dog cat", None),  # two in a row is fine
-    ("the dog the cat", "degenerate"),  # 4 tokens, "the" is half
-    ("the dog chases the cat", None),  # 2 of 5
-    ("the the", None),  # short captions escape the half rule
-    ("one two three four five six", "too_long"),
-])
+@pytest.mark.parametrize(
+    "caption, rule",
+    [
+        ("", "empty"),
+        ("  ?!. ", "empty"),
+        ("kettle kettle kettle", "degenerate"),
+        ("a man with a hat hat hat", "degenerate"),
+        ("dog dog cat", None),  # two in a row is fine
+        ("the dog the cat", "degenerate"),  # 4 tokens, "the" is half
+        ("the dog chases the cat", None),  # 2 of 5
+        ("the the", None),  # short captions escape the half rule
+        ("one two three four five six", "too_long"),
+    ],
+)
 def test_caption_rules(caption, rule):
     problem = caption_problem(caption.split() if caption.strip(" ?!.") else [], max_length=5)
     assert (problem[0] if problem else None) == rule
@@ -116,27 +128,40 @@ def test_degenerate_reason_names_the_word():
 
 
 def test_captions_are_normalised_and_bad_ones_listed(dataset, tmp_path):
-    folder = dataset(10, extra=[["  A  RED,   Kite!  ", "images/img01.png"],
-                                ["", "images/img02.png"],
-                                ["a b c d e f g h", "images/img03.png"],
-                                ["the cat the dog", "images/img04.png"]])
+    folder = dataset(
+        10,
+        extra=[
+            ["  A  RED,   Kite!  ", "images/img01.png"],
+            ["", "images/img02.png"],
+            ["a b c d e f g h", "images/img03.png"],
+            ["the cat the dog", "images/img04.png"],
+        ],
+    )
     report = prepare(folder, tmp_path / "work", max_length=7)
     by_id = {r.id: r for r in read_manifest(tmp_path / "work")}
     assert "a red kite" in by_id["images/img01.png"].captions
-    assert dropped(report) == {"": "empty", "a b c d e f g h": "too_long",
-                               "the cat the dog": "degenerate"}
+    assert dropped(report) == {"": "empty", "a b c d e f g h": "too_long", "the cat the dog": "degenerate"}
     too_long = next(e for e in report["dropped_captions"] if e["rule"] == "too_long")
-    assert too_long == {"image": "images/img03.png", "where": "captions.csv:24", "rule": "too_long",
-                        "reason": "8 words > --max-length 7", "caption": "a b c d e f g h"}
+    assert too_long == {
+        "image": "images/img03.png",
+        "where": "captions.csv:24",
+        "rule": "too_long",
+        "reason": "8 words > --max-length 7",
+        "caption": "a b c d e f g h",
+    }
 
 
 def test_duplicate_rows_are_kept_once(dataset, tmp_path):
-    folder = dataset(10, extra=[["A dog number0 sits on grass0", "images/img00.png"],
-                                ["a dog number0 sits on grass0.", "./images/img00.png"]])
+    folder = dataset(
+        10,
+        extra=[
+            ["A dog number0 sits on grass0", "images/img00.png"],
+            ["a dog number0 sits on grass0.", "./images/img00.png"],
+        ],
+    )
     report = prepare(folder, tmp_path / "work")
     by_id = {r.id: r for r in read_manifest(tmp_path / "work")}
-    assert by_id["images/img00.png"].captions == ["a dog number0 sits on grass0",
-                                                  "a dog number0 sits on grass1"]
+    assert by_id["images/img00.png"].captions == ["a dog number0 sits on grass0", "a dog number0 sits on grass1"]
     assert [e["rule"] for e in report["dropped_captions"]] == ["duplicate", "duplicate"]
 
 
@@ -149,12 +174,17 @@ def test_image_whose_captions_are_all_dropped_is_reported(dataset, tmp_path, tin
 
 
 def test_every_kind_of_bad_image_is_dropped_with_a_reason(dataset, tmp_path):
-    folder = dataset(10, extra=[["empty file", "images/zero.png"],
-                                ["not an image", "images/text.png"],
-                                ["a bomb", "images/bomb.png"],
-                                ["a folder", "images/folder.png"],
-                                ["etc", "../../etc/passwd"],
-                                ["twice etc", "../../etc/passwd"]])
+    folder = dataset(
+        10,
+        extra=[
+            ["empty file", "images/zero.png"],
+            ["not an image", "images/text.png"],
+            ["a bomb", "images/bomb.png"],
+            ["a folder", "images/folder.png"],
+            ["etc", "../../etc/passwd"],
+            ["twice etc", "../../etc/passwd"],
+        ],
+    )
     images = folder / "images"
     (images / "zero.png").write_bytes(b"")
     (images / "text.png").write_text("hello, I am not a PNG")
@@ -174,7 +204,8 @@ def test_every_kind_of_bad_image_is_dropped_with_a_reason(dataset, tmp_path):
 def test_non_utf8_csv_is_prepared_and_the_note_reported(tmp_path, tiny_images):
     tiny_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
     (tmp_path / "data" / "captions.csv").write_bytes(
-        b"caption,image\nun caf\xe9,a.png\nune cr\xe8me,b.png\nun th\xc3\xa9,c.png\n")
+        b"caption,image\nun caf\xe9,a.png\nune cr\xe8me,b.png\nun th\xc3\xa9,c.png\n"
+    )
     report = prepare(tmp_path / "data", tmp_path / "work", min_word_count=1)
     captions = sorted(c for r in read_manifest(tmp_path / "work") for c in r.captions)
     assert captions == ["un café", "un thé", "une crème"]
@@ -185,10 +216,14 @@ def test_non_utf8_csv_is_prepared_and_the_note_reported(tmp_path, tiny_images):
 
 
 def test_nothing_left_after_cleaning_is_a_user_error(tmp_path, write_csv):
-    write_csv(tmp_path / "captions.csv", [["image", "caption"], ["gone.png", "a dog"],
-                                          ["gone2.png", "kettle kettle kettle"]])
-    with pytest.raises(UserError, match=r"nothing usable in .*captions.csv: 2 row\(s\) read, "
-                                        r"dropped: 1 missing, 1 no_caption, 1 degenerate"):
+    write_csv(
+        tmp_path / "captions.csv", [["image", "caption"], ["gone.png", "a dog"], ["gone2.png", "kettle kettle kettle"]]
+    )
+    with pytest.raises(
+        UserError,
+        match=r"nothing usable in .*captions.csv: 2 row\(s\) read, "
+        r"dropped: 1 missing, 1 no_caption, 1 degenerate",
+    ):
         prepare(tmp_path, tmp_path / "work")
     assert not (tmp_path / "work" / MANIFEST_NAME).exists()
 
@@ -270,7 +305,7 @@ def test_vocabulary_comes_from_train_only_with_min_count(dataset, tmp_path):
     train_words = [w for r in records if r.split == "train" for c in r.captions for w in c.split()]
     expected = sorted(w for w in set(train_words) if train_words.count(w) >= 2)
     assert vocab.itos[: len(SPECIALS)] == list(SPECIALS)
-    assert sorted(vocab.itos[len(SPECIALS):]) == expected
+    assert sorted(vocab.itos[len(SPECIALS) :]) == expected
     # each image's "numberN" appears twice, only in its own split: val/test numbers are unknown
     val_number = next(r for r in records if r.split == "val").captions[0].split()[2]
     assert val_number not in vocab.stoi
@@ -290,8 +325,13 @@ def test_parquet_source_extracts_images_into_workdir(tmp_path):
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buffer, format="PNG")
         rows.append({"bytes": buffer.getvalue(), "path": f"{i}.png"})
-    table = pa.table({"image": rows, "text": [f"a red square {i}" for i in range(6)],
-                      "generated_caption": ["kettle kettle kettle"] * 6})
+    table = pa.table(
+        {
+            "image": rows,
+            "text": [f"a red square {i}" for i in range(6)],
+            "generated_caption": ["kettle kettle kettle"] * 6,
+        }
+    )
     pq.write_table(table, tmp_path / "train.parquet")
     report = prepare(tmp_path / "train.parquet", tmp_path / "work", min_word_count=1)
     records = read_manifest(tmp_path / "work")
@@ -304,42 +344,55 @@ def test_parquet_source_extracts_images_into_workdir(tmp_path):
 
 
 def test_print_summary_shows_splits_vocabulary_and_drops(dataset, tmp_path):
-    folder = dataset(10, extra=[["kettle kettle kettle kettle", "images/img00.png"],
-                                ["x", "images/missing.png"]])
+    folder = dataset(10, extra=[["kettle kettle kettle kettle", "images/img00.png"], ["x", "images/missing.png"]])
     report = prepare(folder, tmp_path / "work")
     out = io.StringIO()
     print_summary(report, Console(file=out, width=200))
     text = out.getvalue()
-    for expected in ("train", "val", "test", f"vocabulary: {report['vocabulary']['size']} tokens",
-                     "degenerate", "missing", "'kettle kettle kettle kettle'", REPORT_NAME):
+    for expected in (
+        "train",
+        "val",
+        "test",
+        f"vocabulary: {report['vocabulary']['size']} tokens",
+        "degenerate",
+        "missing",
+        "'kettle kettle kettle kettle'",
+        REPORT_NAME,
+    ):
         assert expected in text
 
 
 def test_cli_prepare_writes_files_and_prints_a_summary(dataset, tmp_path):
-    result = CliRunner().invoke(main, ["prepare", str(dataset(10)), "--out", str(tmp_path / "w"),
-                                       "--min-word-count", "1", "--seed", "3"])
+    result = CliRunner().invoke(
+        main, ["prepare", str(dataset(10)), "--out", str(tmp_path / "w"), "--min-word-count", "1", "--seed", "3"]
+    )
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "vocabulary" in result.output
     assert report_of(tmp_path / "w")["settings"]["seed"] == 3
     assert (tmp_path / "w" / MANIFEST_NAME).is_file() and (tmp_path / "w" / VOCAB_NAME).is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["prepare", "{tmp}/nope", "--out", "{tmp}/w"], "Error: no such file or folder: {tmp}/nope"),
-    (["prepare", "--out", "{tmp}/w"], "Error: give a SOURCE"),
-    (["prepare", "{tmp}", "--out", "{tmp}/w", "--split", "50/50"], "Error: --split '50/50'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare", "{tmp}/nope", "--out", "{tmp}/w"], "Error: no such file or folder: {tmp}/nope"),
+        (["prepare", "--out", "{tmp}/w"], "Error: give a SOURCE"),
+        (["prepare", "{tmp}", "--out", "{tmp}/w", "--split", "50/50"], "Error: --split '50/50'"),
+    ],
+)
 def test_cli_prepare_errors_are_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert one_line_error(result).startswith(message.format(tmp=tmp_path))
 
 
 def test_cli_wrong_column_is_one_line_naming_it(dataset, tmp_path):
-    result = CliRunner().invoke(main, ["prepare", str(dataset(3)), "--out", str(tmp_path / "w"),
-                                       "--caption-column", "alt"])
+    result = CliRunner().invoke(
+        main, ["prepare", str(dataset(3)), "--out", str(tmp_path / "w"), "--caption-column", "alt"]
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {tmp_path}/data/captions.csv: no caption column 'alt' (columns: caption, image)"]
+        f"Error: {tmp_path}/data/captions.csv: no caption column 'alt' (columns: caption, image)"
+    ]
 
 
 @pytest.mark.parametrize("command", ["prepare", "synth"])

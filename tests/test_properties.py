@@ -32,15 +32,15 @@ caption_text = st.text(
     max_size=80,
 )
 words = st.from_regex(r"[a-z0-9]+(?:['-][a-z0-9]+)?", fullmatch=True)
-separators = st.sampled_from([" ", "  ", "\t", "\n", ", ", ". ", "! ", " ... ", " (", ") ", "; ",
-                              ' "', '" ', " - ", " _ "])
+separators = st.sampled_from(
+    [" ", "  ", "\t", "\n", ", ", ". ", "! ", " ... ", " (", ") ", "; ", ' "', '" ', " - ", " _ "]
+)
 
 
 def is_degenerate(tokens: list[str]) -> bool:
     """The rule prepare applies (a token three times in a row, or one word making up half a caption
     of 4 or more), written independently of prepare.dataset."""
-    three_in_a_row = any(tokens[i] == tokens[i + 1] == tokens[i + 2]
-                         for i in range(len(tokens) - 2))
+    three_in_a_row = any(tokens[i] == tokens[i + 1] == tokens[i + 2] for i in range(len(tokens) - 2))
     dominant = len(tokens) >= 4 and 2 * max(Counter(tokens).values()) >= len(tokens)
     return three_in_a_row or dominant
 
@@ -77,8 +77,7 @@ def test_compatibility_forms_give_the_same_tokens(text):
 
 
 @EXAMPLES
-@given(st.lists(words, max_size=12), st.lists(separators, min_size=13, max_size=13),
-       st.booleans())
+@given(st.lists(words, max_size=12), st.lists(separators, min_size=13, max_size=13), st.booleans())
 def test_words_survive_any_punctuation_and_case(word_list, seps, shout):
     text = "".join(sep + word for sep, word in zip(seps, word_list, strict=False)) + seps[-1]
     assert tokenize(text.upper() if shout else text) == word_list
@@ -127,8 +126,7 @@ def test_degenerate_rule_is_stable_under_renaming_words(tokens):
 
 
 @EXAMPLES
-@given(st.lists(caption_text, min_size=1, max_size=8), st.integers(min_value=1, max_value=3),
-       st.data())
+@given(st.lists(caption_text, min_size=1, max_size=8), st.integers(min_value=1, max_value=3), st.data())
 def test_encode_decode_round_trip_for_known_words(texts, min_count, data):
     token_lists = [tokenize(t) for t in texts]
     vocab = Vocabulary.build(token_lists, min_count=min_count)
@@ -136,9 +134,9 @@ def test_encode_decode_round_trip_for_known_words(texts, min_count, data):
 
     assert vocab.itos[: len(SPECIALS)] == list(SPECIALS)
     assert len(set(vocab.itos)) == len(vocab)
-    assert set(vocab.itos[len(SPECIALS):]) == {w for w, c in counts.items() if c >= min_count}
+    assert set(vocab.itos[len(SPECIALS) :]) == {w for w, c in counts.items() if c >= min_count}
 
-    known = vocab.itos[len(SPECIALS):]
+    known = vocab.itos[len(SPECIALS) :]
     sentence = data.draw(st.lists(st.sampled_from(known), max_size=10)) if known else []
     ids = vocab.encode(sentence)
     assert all(len(SPECIALS) <= i < len(vocab) for i in ids)
@@ -181,8 +179,15 @@ def test_prepare_keeps_exactly_the_captions_the_rules_allow(tmp_path, tiny_image
     expected_kept, expected_dropped = set(), Counter()
     for image, caption in raw:
         tokens = tokenize(caption)
-        rule = "empty" if not tokens else "degenerate" if is_degenerate(tokens) else \
-            "too_long" if len(tokens) > 7 else None
+        rule = (
+            "empty"
+            if not tokens
+            else "degenerate"
+            if is_degenerate(tokens)
+            else "too_long"
+            if len(tokens) > 7
+            else None
+        )
         if rule is None and (image, " ".join(tokens)) in expected_kept:
             rule = "duplicate"
         if rule:

@@ -38,12 +38,12 @@ def png_bytes(colour) -> bytes:
 
 def test_csv_with_header_in_a_folder(tmp_path, tiny_images, write_csv):
     tiny_images(tmp_path / "images", ["a.png", "b.png"])
-    write_csv(tmp_path / "captions.csv",
-              [["image", "caption"], ["images/a.png", "A dog."], ["images/a.png", "A puppy"],
-               ["images/b.png", "A cat"]])
+    write_csv(
+        tmp_path / "captions.csv",
+        [["image", "caption"], ["images/a.png", "A dog."], ["images/a.png", "A puppy"], ["images/b.png", "A cat"]],
+    )
     rows, notes = read(tmp_path)
-    assert pairs(rows) == [("images/a.png", "A dog."), ("images/a.png", "A puppy"),
-                           ("images/b.png", "A cat")]
+    assert pairs(rows) == [("images/a.png", "A dog."), ("images/a.png", "A puppy"), ("images/b.png", "A cat")]
     assert rows[0].path == tmp_path / "images" / "a.png" and rows[0].path.is_absolute()
     assert rows[0].where == "captions.csv:2" and not rows[0].rule and notes == []
 
@@ -56,8 +56,7 @@ def test_original_headerless_caption_then_image_path(tmp_path, tiny_images, writ
     assert rows[0].where == "data.csv:1"
 
 
-def test_recognised_column_names_ignore_case_spaces_and_extra_columns(tmp_path, tiny_images,
-                                                                       write_csv):
+def test_recognised_column_names_ignore_case_spaces_and_extra_columns(tmp_path, tiny_images, write_csv):
     tiny_images(tmp_path, ["p.png"])
     write_csv(tmp_path / "c.csv", [["ID", "Image Path", "Caption"], ["7", "p.png", "hello"]])
     rows, _ = read(tmp_path / "c.csv")
@@ -73,8 +72,7 @@ def test_named_columns_override_recognition(tmp_path, tiny_images, write_csv):
 
 def test_pexel_columns_prefer_text_over_generated_caption_in_csv(tmp_path, tiny_images, write_csv):
     tiny_images(tmp_path, ["p.png"])
-    write_csv(tmp_path / "c.csv", [["generated_caption", "text", "image"],
-                                   ["kettle kettle", "a portrait", "p.png"]])
+    write_csv(tmp_path / "c.csv", [["generated_caption", "text", "image"], ["kettle kettle", "a portrait", "p.png"]])
     rows, _ = read(tmp_path / "c.csv")
     assert pairs(rows) == [("p.png", "a portrait")]
 
@@ -85,11 +83,14 @@ def test_flickr8k_captions_txt_with_images_subfolder(tmp_path, tiny_images):
         "image,caption\n"
         "1000_aa.jpg,A child in a pink dress .\n"
         '1000_aa.jpg,"A girl , going into a building ."\n'
-        "1001_bb.jpg,A dog , unquoted comma .\n")
+        "1001_bb.jpg,A dog , unquoted comma .\n"
+    )
     rows, _ = read(tmp_path)
-    assert pairs(rows) == [("Images/1000_aa.jpg", "A child in a pink dress ."),
-                           ("Images/1000_aa.jpg", "A girl , going into a building ."),
-                           ("Images/1001_bb.jpg", "A dog , unquoted comma .")]
+    assert pairs(rows) == [
+        ("Images/1000_aa.jpg", "A child in a pink dress ."),
+        ("Images/1000_aa.jpg", "A girl , going into a building ."),
+        ("Images/1001_bb.jpg", "A dog , unquoted comma ."),
+    ]
 
 
 def test_flickr8k_token_txt_found_in_a_subfolder(tmp_path, tiny_images):
@@ -97,17 +98,19 @@ def test_flickr8k_token_txt_found_in_a_subfolder(tmp_path, tiny_images):
     text = tmp_path / "Flickr8k_text"
     text.mkdir()
     (text / "Flickr8k.token.txt").write_text(
-        "1000_aa.jpg#0\tA child in a pink dress .\n1000_aa.jpg#1\tA girl going inside .\n")
+        "1000_aa.jpg#0\tA child in a pink dress .\n1000_aa.jpg#1\tA girl going inside .\n"
+    )
     (text / "Flickr_8k.trainImages.txt").write_text("1000_aa.jpg\n")
     rows, _ = read(tmp_path)
-    assert pairs(rows) == [("Flicker8k_Dataset/1000_aa.jpg", "A child in a pink dress ."),
-                           ("Flicker8k_Dataset/1000_aa.jpg", "A girl going inside .")]
+    assert pairs(rows) == [
+        ("Flicker8k_Dataset/1000_aa.jpg", "A child in a pink dress ."),
+        ("Flicker8k_Dataset/1000_aa.jpg", "A girl going inside ."),
+    ]
 
 
 def test_flickr30k_pipe_separated_results(tmp_path, tiny_images):
     tiny_images(tmp_path / "flickr30k_images", ["1.jpg"])
-    (tmp_path / "results.csv").write_text(
-        "image_name| comment_number| comment\n1.jpg| 0| Two men, one with a hat .\n")
+    (tmp_path / "results.csv").write_text("image_name| comment_number| comment\n1.jpg| 0| Two men, one with a hat .\n")
     rows, _ = read(tmp_path)
     assert pairs(rows) == [("flickr30k_images/1.jpg", "Two men, one with a hat .")]
 
@@ -154,9 +157,15 @@ def test_oversized_field_is_skipped_and_reading_goes_on(tmp_path, tiny_images):
 def test_paths_escaping_the_dataset_folder_are_refused(tmp_path, tiny_images, write_csv):
     data = tmp_path / "data"
     tiny_images(tmp_path, ["outside.png"])
-    write_csv(data / "captions.csv", [["image", "caption"], ["../../etc/passwd", "secret"],
-                                      ["../outside.png", "sneaky"],
-                                      [str(tmp_path / "outside.png"), "absolute"]])
+    write_csv(
+        data / "captions.csv",
+        [
+            ["image", "caption"],
+            ["../../etc/passwd", "secret"],
+            ["../outside.png", "sneaky"],
+            [str(tmp_path / "outside.png"), "absolute"],
+        ],
+    )
     rows, _ = read(data)
     assert [r.rule for r in rows] == ["outside_dataset"] * 3
     assert all(r.path is None for r in rows)
@@ -247,11 +256,13 @@ def test_named_column_that_does_not_exist(tmp_path, write_csv):
 def write_pexel_parquet(path: Path, rows: list[tuple]) -> Path:
     """rows of (image bytes or None, image path, text, generated_caption), as HF writes them."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({
-        "image": pa.array([{"bytes": b, "path": p} for b, p, _, _ in rows], type=image_type),
-        "text": pa.array([t for _, _, t, _ in rows], type=pa.string()),
-        "generated_caption": pa.array([g for _, _, _, g in rows], type=pa.string()),
-    })
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": b, "path": p} for b, p, _, _ in rows], type=image_type),
+            "text": pa.array([t for _, _, t, _ in rows], type=pa.string()),
+            "generated_caption": pa.array([g for _, _, _, g in rows], type=pa.string()),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
@@ -259,11 +270,14 @@ def write_pexel_parquet(path: Path, rows: list[tuple]) -> Path:
 
 def test_parquet_image_struct_is_extracted_and_text_preferred(tmp_path):
     red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255))
-    shard = write_pexel_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [
-        (red, "0.png", "portrait of a woman", "kettle kettle kettle"),
-        (blue, None, "a blue wall", "a wall"),
-        (red, "0.png", "a red square", "red"),
-    ])
+    shard = write_pexel_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet",
+        [
+            (red, "0.png", "portrait of a woman", "kettle kettle kettle"),
+            (blue, None, "a blue wall", "a wall"),
+            (red, "0.png", "a red square", "red"),
+        ],
+    )
     work = tmp_path / "work"
     rows, _ = read(shard, work)
     assert [r.caption for r in rows] == ["portrait of a woman", "a blue wall", "a red square"]
@@ -292,31 +306,36 @@ def test_parquet_rerun_removes_images_a_killed_run_left_half_written(tmp_path):
 
 def test_parquet_folder_reads_every_shard_in_order(tmp_path):
     for i in range(2):
-        write_pexel_parquet(tmp_path / "data" / f"train-0000{i}.parquet",
-                            [(png_bytes((i, 0, 0)), f"{i}.png", f"caption {i}", "")])
+        write_pexel_parquet(
+            tmp_path / "data" / f"train-0000{i}.parquet", [(png_bytes((i, 0, 0)), f"{i}.png", f"caption {i}", "")]
+        )
     rows, _ = read(tmp_path, tmp_path / "work")
     assert [r.caption for r in rows] == ["caption 0", "caption 1"]
 
 
 def test_parquet_missing_bytes_and_caption_become_row_problems(tmp_path):
-    shard = write_pexel_parquet(tmp_path / "s.parquet", [(None, None, "no picture", ""),
-                                                         (png_bytes((1, 2, 3)), "x.png", None, "")])
+    shard = write_pexel_parquet(
+        tmp_path / "s.parquet", [(None, None, "no picture", ""), (png_bytes((1, 2, 3)), "x.png", None, "")]
+    )
     rows, _ = read(shard, tmp_path / "work")
     assert rows[0].rule == "no_image"
     assert rows[1].caption == "" and not rows[1].rule
 
 
 def test_parquet_binary_column_and_list_of_captions(tmp_path):
-    table = pa.table({"jpg": pa.array([png_bytes((9, 9, 9))], type=pa.binary()),
-                      "captions": pa.array([["one", "two"]], type=pa.list_(pa.string()))})
+    table = pa.table(
+        {
+            "jpg": pa.array([png_bytes((9, 9, 9))], type=pa.binary()),
+            "captions": pa.array([["one", "two"]], type=pa.list_(pa.string())),
+        }
+    )
     pq.write_table(table, tmp_path / "s.parquet")
     rows, _ = read(tmp_path / "s.parquet", tmp_path / "work")
     assert [r.caption for r in rows] == ["one", "two"] and rows[0].path == rows[1].path
 
 
 def test_parquet_without_a_caption_column(tmp_path):
-    pq.write_table(pa.table({"image": pa.array([b"x"]), "label": pa.array([1])}),
-                   tmp_path / "s.parquet")
+    pq.write_table(pa.table({"image": pa.array([b"x"]), "label": pa.array([1])}), tmp_path / "s.parquet")
     with pytest.raises(UserError, match="s.parquet: no recognisable caption column"):
         read(tmp_path / "s.parquet", tmp_path / "work")
 
@@ -331,8 +350,9 @@ def test_corrupt_parquet_shard_is_noted_and_skipped(tmp_path):
 
 def test_hf_downloads_parquet_shards_then_reads_them(tmp_path, monkeypatch):
     snapshot = tmp_path / "snapshot"
-    write_pexel_parquet(snapshot / "data" / "train-00000-of-00001.parquet",
-                        [(png_bytes((1, 1, 1)), "0.png", "a portrait", "")])
+    write_pexel_parquet(
+        snapshot / "data" / "train-00000-of-00001.parquet", [(png_bytes((1, 1, 1)), "0.png", "a portrait", "")]
+    )
     calls = []
 
     def fake_download(**kwargs):
@@ -343,8 +363,9 @@ def test_hf_downloads_parquet_shards_then_reads_them(tmp_path, monkeypatch):
     src = open_source(None, tmp_path / "work", hf="someone/pexels", revision="abc123")
     assert [r.caption for r in src.rows] == ["a portrait"]
     assert src.description == "hf:someone/pexels@abc123"
-    assert calls == [{"repo_id": "someone/pexels", "repo_type": "dataset", "revision": "abc123",
-                      "allow_patterns": "*.parquet"}]
+    assert calls == [
+        {"repo_id": "someone/pexels", "repo_type": "dataset", "revision": "abc123", "allow_patterns": "*.parquet"}
+    ]
 
 
 def test_hf_dataset_without_parquet_is_a_user_error(tmp_path, monkeypatch):
@@ -361,8 +382,9 @@ def test_hf_download_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError) as error:
         open_source(None, tmp_path / "work", hf="someone/pexels")
-    assert str(error.value) == ("cannot fetch Hugging Face dataset someone/pexels: "
-                                "OSError could not connect to huggingface.co")
+    assert str(error.value) == (
+        "cannot fetch Hugging Face dataset someone/pexels: OSError could not connect to huggingface.co"
+    )
 
 
 def test_hf_and_source_together_is_refused(tmp_path):

@@ -113,16 +113,19 @@ def test_positions_and_relations_are_true(synth):
             relation = RELATION.match(caption)
             if relation:
                 (ax, ay), (bx, by) = centre(masks[relation[2]]), centre(masks[relation[6]])
-                expected = {"above": ay < by, "below": ay > by,
-                            "to the left of": ax < bx, "to the right of": ax > bx}
+                expected = {"above": ay < by, "below": ay > by, "to the left of": ax < bx, "to the right of": ax > bx}
                 assert expected[relation[4]], (image, caption)
                 checked += 1
             place = PLACE.search(caption)
             if place and len(masks) == 1:
                 x, y = centre(next(iter(masks.values())))
-                expected = {"on the left": x < 0.4, "on the right": x > 0.6, "at the top": y < 0.4,
-                            "at the bottom": y > 0.6,
-                            "in the middle": 0.4 < x < 0.6 and 0.4 < y < 0.6}
+                expected = {
+                    "on the left": x < 0.4,
+                    "on the right": x > 0.6,
+                    "at the top": y < 0.4,
+                    "at the bottom": y > 0.6,
+                    "in the middle": 0.4 < x < 0.6 and 0.4 < y < 0.6,
+                }
                 assert expected[place[1]], (image, caption, x, y)
                 checked += 1
     assert checked > 60
@@ -132,7 +135,8 @@ def test_prepare_keeps_every_synthetic_caption_with_a_small_vocabulary(synth, tm
     report = prepare(synth, tmp_path / "work", min_word_count=1)
     assert report["dropped_images"] == [] and report["dropped_captions"] == []
     assert sum(len(r.captions) for r in read_manifest(tmp_path / "work")) == sum(
-        len(c) for c in captions_by_image(synth).values())
+        len(c) for c in captions_by_image(synth).values()
+    )
     assert report["vocabulary"]["size"] < 45
 
 

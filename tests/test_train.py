@@ -78,8 +78,22 @@ def test_stops_mid_epoch_on_time_limit_and_resumes_exactly(featurized, tmp_path)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cleanly_with_a_checkpoint(featurized, tmp_path, sig):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(featurized), "--run", str(run), "--epochs", "100000", *TINY],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "train",
+            str(featurized),
+            "--run",
+            str(run),
+            "--epochs",
+            "100000",
+            *TINY,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not RunDir(run).last.exists():
         assert time.time() < deadline and proc.poll() is None
@@ -117,7 +131,9 @@ def test_streaming_gives_the_same_batches_as_memory(featurized):
         assert isinstance(streamed.source, D.StreamingFeatures) and isinstance(in_ram.source, D.InMemoryFeatures)
         streamed.source.chunk_rows = 3  # many chunks, so the chunk cache is exercised
         for epoch in (0, 1):
-            for (fa, ca), (fb, cb) in zip(in_ram.train_batches(epoch, 0), streamed.train_batches(epoch, 0), strict=True):
+            for (fa, ca), (fb, cb) in zip(
+                in_ram.train_batches(epoch, 0), streamed.train_batches(epoch, 0), strict=True
+            ):
                 assert torch.equal(fa, fb) and torch.equal(ca, cb)
 
 
@@ -137,7 +153,10 @@ def test_resume_refuses_a_changed_architecture(featurized, tmp_path):
     run_cli("train", featurized, "--run", run, "--epochs", 1, *TINY)
     out = run_cli("train", "--run", run, "--resume", "--hidden-size", 32, check=False)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == "Error: cannot change --hidden-size on resume: the run was trained with 16, got 32"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "Error: cannot change --hidden-size on resume: the run was trained with 16, got 32"
+    )
     out = run_cli("train", featurized, "--run", run, *TINY, check=False)
     assert out.returncode == 1 and "already has checkpoints" in out.stderr
 

@@ -45,7 +45,7 @@ def test_build_counts_words_and_applies_min_count():
 
 def test_build_orders_by_frequency_then_alphabetically():
     vocab = Vocabulary.build([["b", "a", "c", "c"]], min_count=1)
-    assert vocab.itos[len(SPECIALS):] == ["c", "a", "b"]
+    assert vocab.itos[len(SPECIALS) :] == ["c", "a", "b"]
 
 
 def test_encode_maps_unknown_words_to_unk_and_decode_stops_at_end():
