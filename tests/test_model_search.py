@@ -13,7 +13,9 @@ START, END = 1, 2
 
 def tiny_model(vocab_size=10, seed=0, image_as="input", num_layers=1) -> Captioner:
     torch.manual_seed(seed)
-    config = CaptionerConfig(vocab_size=vocab_size, feature_dim=16, embed_size=8, hidden_size=8, image_as=image_as, num_layers=num_layers)
+    config = CaptionerConfig(
+        vocab_size=vocab_size, feature_dim=16, embed_size=8, hidden_size=8, image_as=image_as, num_layers=num_layers
+    )
     return Captioner(config).eval()
 
 
@@ -102,5 +104,92 @@ def test_beam_score_never_worse_than_greedy(beam):
             total += lp[0, word].item()
         return total
 
-    for f, g, b in zip(features, greedy(model, features, START, END, max_len=40), beam_search(model, features, START, END, beam=beam, max_len=40), strict=True):
+    for f, g, b in zip(
+        features,
+        greedy(model, features, START, END, max_len=40),
+        beam_search(model, features, START, END, beam=beam, max_len=40),
+        strict=True,
+    ):
         assert logprob(f, b) >= logprob(f, g) - 1e-5
+
+
+def per_image_beam(model, feature, start_id, end_id, beam, max_len, alpha):
+    """The per-image beam search légende used before the batched one, kept as the oracle."""
+    h, c = model.init_state(feature)  # (L, 1, H)
+    state = (h.repeat(1, beam, 1), c.repeat(1, beam, 1))  # (L, beam, H)
+    tokens = torch.full((beam,), start_id, dtype=torch.long)
+    # Only the first beam is live at the start, so the B copies do not all pick the same word.
+    scores = torch.full((beam,), float("-inf"))
+    scores[0] = 0.0
+    seqs: list[list[int]] = [[] for _ in range(beam)]
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max_len):
+        logprobs, state = model.step(tokens, state)  # (beam, V)
+        vocab = logprobs.size(1)
+        total = (scores[:, None] + logprobs).reshape(-1)  # (beam * V,)
+        top_scores, top_idx = total.topk(min(2 * beam, total.numel()))
+        next_tokens, next_seqs, next_scores, parents = [], [], [], []
+        for s, idx in zip(top_scores.tolist(), top_idx.tolist(), strict=True):
+            if s == float("-inf"):
+                break
+            parent, word = divmod(idx, vocab)
+            if word == end_id:
+                length = len(seqs[parent]) + 1
+                finished.append((s / length**alpha, seqs[parent]))
+                continue
+            next_tokens.append(word)
+            next_seqs.append(seqs[parent] + [word])
+            next_scores.append(s)
+            parents.append(parent)
+            if len(next_tokens) == beam:
+                break
+        best_finished = max((f[0] for f in finished), default=float("-inf"))
+        # Stop when no live beam can still beat the best finished caption. With alpha == 0 scores only
+        # fall, so the bound is exact; with alpha > 0 a longer caption could still win, so run on.
+        if not next_tokens or (alpha == 0 and max(next_scores) <= best_finished):
+            break
+        idx = torch.tensor(parents)
+        state = (state[0][:, idx], state[1][:, idx])
+        tokens = torch.tensor(next_tokens)
+        scores = torch.tensor(next_scores)
+        seqs = next_seqs
+        if len(next_tokens) < beam:  # pad dead beams so shapes stay fixed
+            pad = beam - len(next_tokens)
+            state = (
+                torch.cat([state[0], state[0][:, :1].repeat(1, pad, 1)], 1),
+                torch.cat([state[1], state[1][:, :1].repeat(1, pad, 1)], 1),
+            )
+            tokens = torch.cat([tokens, tokens[:1].repeat(pad)])
+            scores = torch.cat([scores, torch.full((pad,), float("-inf"))])
+            seqs = seqs + [[] for _ in range(pad)]
+    if not finished:  # nothing ended within max_len: take the best live beam as it stands
+        finished = [
+            (scores.max().item() / max(len(seqs[int(scores.argmax())]), 1) ** alpha, seqs[int(scores.argmax())])
+        ]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+@pytest.mark.parametrize(
+    "beam,alpha,image_as,layers",
+    [(2, 0.0, "input", 1), (3, 0.0, "state", 2), (5, 0.7, "input", 1), (4, 1.0, "input", 2)],
+)
+def test_batched_beam_search_gives_the_per_image_captions(beam, alpha, image_as, layers):
+    """All images searched at once give exactly what searching them one at a time gave."""
+    for seed in range(3):
+        model = tiny_model(vocab_size=11, seed=seed, image_as=image_as, num_layers=layers)
+        features = torch.randn(17, 16) * 3
+        with torch.inference_mode():
+            expected = [per_image_beam(model, f[None], START, END, beam, 12, alpha) for f in features]
+        assert beam_search(model, features, START, END, beam=beam, max_len=12, alpha=alpha) == expected
+
+
+def test_beam_candidates_are_distinct_and_best_first():
+    from decoder.search import beam_candidates
+
+    model = tiny_model(vocab_size=11, seed=4)
+    features = torch.randn(6, 16)
+    for f, cands in zip(
+        features, beam_candidates(model, features, START, END, beam=5, max_len=12, n_best=4), strict=True
+    ):
+        assert 1 <= len(cands) <= 4 and len({tuple(c) for c in cands}) == len(cands)
+        assert cands[0] == beam_search(model, f[None], START, END, beam=5, max_len=12)[0]
