@@ -219,9 +219,10 @@ def featurize(
 )
 @click.option(
     "--phase",
-    type=click.Choice(["decoder", "joint"]),
+    type=click.Choice(["decoder", "joint", "scst"]),
     default="decoder",
-    help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images.",
+    help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images; "
+    "scst: self-critical training of the LSTM on cached features, rewarded by CIDEr-D.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
@@ -274,18 +275,20 @@ def featurize(
     help="Joint: bf16 autocast where supported [default: auto].",
 )
 @click.option("--workers", type=int, default=None, help="Joint: DataLoader processes decoding images [default: 2].")
+@click.option("--samples", type=int, default=None, help="Scst: captions sampled per photo [default: 5].")
+@click.option("--max-len", type=int, default=None, help="Scst: longest sampled caption in words [default: 16].")
 @user_errors
 def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
     """Train the captioner; interrupt it any time and continue with --resume.
 
     Example: python cli.py train data/work --epochs 40, then python cli.py train --resume
     """
-    from decoder.train import train_decoder
-
     if phase == "joint":
         from decoder.joint import train_joint as train_phase
+    elif phase == "scst":
+        from decoder.scst import train_scst as train_phase
     else:
-        train_phase = train_decoder
+        from decoder.train import train_decoder as train_phase
     outcome = train_phase(
         workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights
     )

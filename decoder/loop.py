@@ -69,6 +69,10 @@ class Fit:
     epochs: int
     grad_clip: float
     checkpoint_fields: Callable[[], dict]  # model weights, config, vocab... merged into each checkpoint
+    # (loss to minimise, units it is a mean over, value to log) of one training batch; the default is
+    # teacher-forced cross-entropy over the batch's words
+    objective: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, float, float]] | None = None
+    logged_as: str = "loss"  # what the logged value is: the batch CSV's column, the epoch's train_<it>
     select_score: Callable[[float], float] | None = None  # validation score from val loss; lower is better
     checkpoint_minutes: float | None = None  # also checkpoint mid-epoch on this timer
     dist: Dist = SINGLE  # this process's place under torchrun
@@ -96,8 +100,8 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
             progress.update(task, completed=pos.batch, description=f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}")
             fit.net.train()
             started = time.monotonic()
-            for inputs, captions in fit.data.train_batches(pos.epoch, pos.batch):
-                loss, logged = _loss(train_net, inputs, captions, fit.dist)
+            for batch in fit.data.train_batches(pos.epoch, pos.batch):
+                loss, logged = _loss(fit.objective or teacher_forcing, train_net, batch, fit.dist)
                 fit.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(fit.net.parameters(), fit.grad_clip)
@@ -106,7 +110,7 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                 pos.step += 1
                 pos.loss_sum += logged
                 fit.pending_rows.append(
-                    {"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, "loss": f"{logged:.5f}"}
+                    {"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, fit.logged_as: f"{logged:.5f}"}
                 )
                 progress.update(task, advance=1, loss=logged)
                 timer_due = (
@@ -131,7 +135,7 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                     {
                         "phase": fit.phase,
                         "epoch": pos.epoch + 1,
-                        "train_loss": f"{train_loss:.5f}",
+                        f"train_{fit.logged_as}": f"{train_loss:.5f}",
                         "val_loss": f"{val_loss:.5f}",
                         "val_cider": "" if not fit.select_score else f"{-score:.4f}",
                         "seconds": f"{pos.seconds:.2f}",
@@ -139,7 +143,7 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                     }
                 )
                 console.print(
-                    f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}: train loss {train_loss:.4f}, "
+                    f"{fit.phase} epoch {pos.epoch + 1}/{fit.epochs}: train {fit.logged_as} {train_loss:.4f}, "
                     f"val loss {val_loss:.4f}{'' if not fit.select_score else f', val CIDEr {-score:.3f}'}, "
                     f"{pos.seconds:.1f}s{'  (best)' if improved else ''}"
                 )
@@ -154,20 +158,26 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
     return Outcome("finished", pos, val_loss)
 
 
-def _loss(net: torch.nn.Module, inputs: torch.Tensor, captions: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, float]:
-    """(loss to backpropagate, mean loss of the global batch for the logs).
+def teacher_forcing(net: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float, float]:
+    """Mean cross-entropy of the batch's next words, their count, and the loss to log."""
+    inputs, captions = batch
+    loss = caption_loss(net(inputs, captions), captions)
+    return loss, float((captions[:, 1:] != 0).sum()), loss.item()
+
+
+def _loss(objective, net: torch.nn.Module, batch, ctx: Dist) -> tuple[torch.Tensor, float]:
+    """(loss to backpropagate, logged value of the global batch).
 
     Distributed, each rank holds a shard of the global batch. Its mean loss is rescaled by its
-    share of the global batch's words, so that DistributedDataParallel's gradient average equals
-    the gradient of the global batch's mean loss: the same step a single process would take.
+    share of the global batch's units (words), so that DistributedDataParallel's gradient average
+    equals the gradient of the global batch's mean loss: the same step a single process would take.
     """
-    loss = caption_loss(net(inputs, captions), captions)
+    loss, units, logged = objective(net, batch)
     if not ctx.active:
-        return loss, loss.item()
-    words = float((captions[:, 1:] != 0).sum())
-    total_words = sum_scalar(ctx, words)
-    weighted = loss * (words * ctx.world_size / total_words)
-    return weighted, sum_scalar(ctx, loss.item() * words) / total_words
+        return loss, logged
+    total_units = sum_scalar(ctx, units)
+    weighted = loss * (units * ctx.world_size / total_units)
+    return weighted, sum_scalar(ctx, logged * units) / total_units
 
 
 def _agree(stop: StopRequest, timer_due: bool, ctx: Dist) -> tuple[str | None, bool]:

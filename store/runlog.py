@@ -14,8 +14,9 @@ from store.errors import UserError
 from store.files import atomic_write_bytes
 from store.rundir import RunDir
 
-BATCH_FIELDS = ["phase", "epoch", "step", "loss"]
-EPOCH_FIELDS = ["phase", "epoch", "train_loss", "val_loss", "val_cider", "seconds", "step"]
+# A phase logs either a loss (decoder, joint) or a reward (self-critical training) per batch.
+BATCH_FIELDS = ["phase", "epoch", "step", "loss", "reward"]
+EPOCH_FIELDS = ["phase", "epoch", "train_loss", "train_reward", "val_loss", "val_cider", "seconds", "step"]
 
 
 class RunLog:
@@ -51,11 +52,18 @@ def read_rows(path: Path) -> list[dict]:
 
 def _append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
     new = not path.exists() or path.stat().st_size == 0
+    if not new and _header(path) != fields:  # a run logged before a column was added: rewrite it once
+        _write_rows(path, fields, read_rows(path))
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
@@ -69,7 +77,8 @@ def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def plot_run(run_dir: Path | RunDir) -> list[Path]:
-    """Loss of every batch, and train vs validation loss per epoch, as in the original report."""
+    """Loss of every batch, and train vs validation loss per epoch, as in the original report; and
+    for self-critical training, the mean reward of every batch and of every epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,25 +91,41 @@ def plot_run(run_dir: Path | RunDir) -> list[Path]:
     out_dir = run.plots
     out_dir.mkdir(exist_ok=True)
     written = []
-    if batches:
+    for column, name, ylabel in (("loss", "batch_loss", "cross-entropy"), ("reward", "batch_reward", "mean CIDEr-D")):
+        rows = [r for r in batches if r.get(column)]
+        if not rows:
+            continue
         fig, ax = plt.subplots(figsize=(8, 4))
-        for phase in dict.fromkeys(r["phase"] for r in batches):
-            rows = [r for r in batches if r["phase"] == phase]
-            ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, label=phase)
-        ax.set(xlabel="batch (global step)", ylabel="cross-entropy", title="Loss of every batch")
-        written.append(_save(fig, ax, out_dir / "batch_loss.png"))
+        for phase in dict.fromkeys(r["phase"] for r in rows):
+            mine = [r for r in rows if r["phase"] == phase]
+            ax.plot([int(r["step"]) for r in mine], [float(r[column]) for r in mine], lw=0.6, label=phase)
+        ax.set(xlabel="batch (global step)", ylabel=ylabel, title=f"{column.capitalize()} of every batch")
+        written.append(_save(fig, ax, out_dir / f"{name}.png"))
     if epochs:
         fig, ax = plt.subplots(figsize=(8, 4))
         x = list(range(1, len(epochs) + 1))
-        ax.plot(x, [float(r["train_loss"]) for r in epochs], marker="o", label="train")
-        ax.plot(x, [float(r["val_loss"]) for r in epochs], marker="o", label="validation")
+        ax.plot(*_points(x, epochs, "train_loss"), marker="o", label="train")
+        ax.plot(*_points(x, epochs, "val_loss"), marker="o", label="validation")
         for i, r in enumerate(epochs[1:], 1):
             if r["phase"] != epochs[i - 1]["phase"]:
                 ax.axvline(i + 0.5, color="grey", ls="--", lw=0.8)
                 ax.text(i + 0.6, ax.get_ylim()[1], r["phase"], va="top", fontsize=8)
         ax.set(xlabel="epoch (all phases)", ylabel="cross-entropy", title="Train vs validation loss per epoch")
         written.append(_save(fig, ax, out_dir / "epoch_loss.png"))
+    if any(r.get("train_reward") for r in epochs):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = list(range(1, len(epochs) + 1))
+        ax.plot(*_points(x, epochs, "train_reward"), marker="o", label="train: mean reward of the samples")
+        ax.plot(*_points(x, epochs, "val_cider"), marker="o", label="validation: greedy CIDEr-D")
+        ax.set(xlabel="epoch (all phases)", ylabel="CIDEr-D", title="Self-critical training per epoch")
+        written.append(_save(fig, ax, out_dir / "epoch_reward.png"))
     return written
+
+
+def _points(x: list[int], rows: list[dict], column: str) -> tuple[list[int], list[float]]:
+    """The (epoch, value) pairs of the rows that have `column` (a phase logs loss or reward)."""
+    pairs = [(i, float(r[column])) for i, r in zip(x, rows, strict=True) if r.get(column)]
+    return [i for i, _ in pairs], [v for _, v in pairs]
 
 
 def _save(fig, ax, path: Path) -> Path:
