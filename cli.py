@@ -13,6 +13,7 @@ one-line message with a non-zero exit. No logic lives here.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import click
 from rich.console import Console
 
 from store.errors import UserError
+from store.rundir import RunDir
 
 DEFAULT_WORKDIR = Path("data/work")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
@@ -321,12 +323,29 @@ def plot(run_dir):
 # --- evaluate / caption -----------------------------------------------------------------------
 
 
+def decoding_options(fn):
+    """The options that choose how captions are decoded, shared by evaluate and caption."""
+    options = [
+        click.option("--beam", default=3, help="Beam width; 1 is greedy decoding."),
+        click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha."),
+        click.option("--tta/--center", default=False, help="Average the features of the K crops, or the centre crop."),
+        click.option(
+            "--rerank",
+            default=0,
+            help="Re-rank the beam's candidates by CIDEr-D consensus with the captions of the K nearest "
+            "training photos; 0 keeps the beam's best.",
+        ),
+        click.option("--candidates", default=5, help="Beam candidates that --rerank chooses from."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="test")
-@click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
-@click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
-@click.option("--tta/--center", default=False, help="Average the features of the K crops, or use the centre crop.")
+@decoding_options
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -334,7 +353,7 @@ def plot(run_dir):
     help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].",
 )
 @user_errors
-def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
+def evaluate(run_dir, split, checkpoint, **decoding):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of a run on a split [default RUNDIR: latest run].
 
     Example: python cli.py evaluate runs/20261128-101500 --split test --beam 3
@@ -346,15 +365,18 @@ def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
 
     path = resolve_checkpoint(run_dir, checkpoint)
     run_dir = path.parent.parent
-    result = evaluate_run(load_captioner(path), run_dir, split=split, beam=beam, alpha=alpha, tta=tta)
-    table = Table(title=f"{split} split, {result['images']} images, {path.name} (epoch {result['epoch']}), beam {beam}")
+    result = evaluate_run(load_captioner(path), run_dir, split=split, **decoding)
+    title = f"{split} split, {result['images']} images, {path.name} (epoch {result['epoch']}), beam {decoding['beam']}"
+    if decoding["rerank"]:
+        title += f", re-ranked by {decoding['rerank']} neighbours"
+    table = Table(title=title)
     for name in result["scores"]:
         table.add_column(name, justify="right")
     table.add_row(*(f"{100 * v:.1f}" for v in result["scores"].values()))
     Console().print(table)
     for note in result["notes"]:
         console.print(f"note: {note}")
-    console.print(f"wrote {run_dir / 'eval' / (split + '.json')} and {split}_captions.csv (scores x100)")
+    console.print(f"wrote {RunDir(run_dir).eval_json(split)} and {split}_captions.csv (scores x100)")
 
 
 @main.command()
@@ -367,15 +389,13 @@ def evaluate(run_dir, split, beam, alpha, tta, checkpoint):
     help="Run whose best.pt to use [default: latest run].",
 )
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="A checkpoint file instead of --run.")
-@click.option("--beam", default=3, help="Beam width; 1 is greedy decoding.")
-@click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha.")
-@click.option("--tta/--center", default=False, help="Average the features of the K crops, or use the centre crop.")
+@decoding_options
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write CSV/JSON here instead of stdout.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the table, CSV or JSON to this file.")
 @click.option("--batch-size", default=16, help="Images per forward pass.")
 @click.option("--workers", default=2, help="Processes decoding images.")
 @user_errors
-def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size, workers):
+def caption(target, run_dir, checkpoint, fmt, out, batch_size, workers, **decoding):
     """Caption every image under DIR (recursive), or one image file.
 
     Unknown words are shown as <unk>. Exit code 1 only when no image could be captioned.
@@ -383,6 +403,7 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
     Example: python cli.py caption photos/ --format csv --out captions.csv
     """
     from rich.table import Table
+    from rich.text import Text
 
     from decoder.captioning import caption_images, find_images, format_results
     from decoder.inference import load_captioner, resolve_checkpoint
@@ -394,18 +415,24 @@ def caption(target, run_dir, checkpoint, beam, alpha, tta, fmt, out, batch_size,
     if not paths:
         raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
     loaded = load_captioner(resolve_checkpoint(run_dir, checkpoint))
-    results = caption_images(loaded, paths, beam=beam, alpha=alpha, tta=tta, batch_size=batch_size, workers=workers)
+    results = caption_images(loaded, paths, batch_size=batch_size, workers=workers, **decoding)
     if fmt == "table":
         table = Table("image", "caption")
         base = target if target.is_dir() else target.parent
         for r in results:
-            table.add_row(
-                str(Path(r.image).relative_to(base)), r.caption if r.error is None else f"[red]error: {r.error}[/]"
-            )
-        Console().print(table)
-    elif out is not None:
-        atomic_write_bytes(out, format_results(results, fmt).encode())
+            cell = r.caption if r.error is None else f"error: {r.error}"
+            table.add_row(Text(str(Path(r.image).relative_to(base))), Text(cell))  # Text: no markup
+    if out is not None:
+        if fmt == "table":  # plain text, as wide as it needs to be, no colour codes
+            buf = io.StringIO()
+            Console(file=buf, width=10_000, no_color=True, highlight=False).print(table, crop=False)
+            text = "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+        else:
+            text = format_results(results, fmt)
+        atomic_write_bytes(out, text.encode())
         console.print(f"wrote {len(results)} rows to {out}")
+    elif fmt == "table":
+        Console().print(table)
     else:
         click.echo(format_results(results, fmt), nl=False)
     failed = [r for r in results if r.error is not None]

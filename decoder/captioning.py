@@ -44,10 +44,16 @@ def caption_images(
     tta: bool = False,
     batch_size: int = 16,
     workers: int = 2,
+    rerank: int = 0,
+    candidates: int = 5,
 ) -> list[CaptionResult]:
     features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)
-    sentences = generate(loaded, _stack(features, order), beam=beam, alpha=alpha) if order else []
+    sentences = (
+        generate(loaded, _stack(features, order), beam=beam, alpha=alpha, rerank=rerank, candidates=candidates)
+        if order
+        else []
+    )
     by_index = dict(zip(order, sentences, strict=True))
     return [CaptionResult(str(p), caption=by_index.get(i), error=errors.get(i)) for i, p in enumerate(paths)]
 

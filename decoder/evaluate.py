@@ -56,6 +56,8 @@ def evaluate_run(
     tta: bool = False,
     workdir: Path | None = None,
     write: bool = True,
+    rerank: int = 0,
+    candidates: int = 5,
 ) -> dict:
     """Scores of `loaded` on `split`; also writes the eval files when `write`."""
     workdir = Path(workdir or loaded.state["config"]["train"]["workdir"])
@@ -63,7 +65,7 @@ def evaluate_run(
     rows, features = split_features(loaded, records, split, tta)
     if not rows:
         raise UserError(f"{workdir} has no {split} images with features to evaluate")
-    hypotheses = generate(loaded, features, beam=beam, alpha=alpha)
+    hypotheses = generate(loaded, features, beam=beam, alpha=alpha, rerank=rerank, candidates=candidates)
     ids = [records[i].id for i in rows]
     scores, notes = score_captions(
         {k: records[i].captions for k, i in zip(ids, rows, strict=True)}, dict(zip(ids, hypotheses, strict=True))
@@ -74,6 +76,8 @@ def evaluate_run(
         "beam": beam,
         "alpha": alpha,
         "tta": tta,
+        "rerank": rerank,
+        "candidates": candidates if rerank else None,
         "checkpoint": str(loaded.path),
         "epoch": loaded.state["epoch"],
         "phase": loaded.state["phase"],

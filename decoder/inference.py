@@ -14,12 +14,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from decoder.consensus import Neighbours
+from decoder.consensus import rerank as consensus_rerank
 from decoder.model import Captioner, CaptionerConfig
-from decoder.search import beam_search
+from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
 from featurize.pipeline import encode, prepare_for_inference
 from store.checkpoints import load_checkpoint
+from store.errors import UserError
+from store.features import FeatureStore, check_store_matches
 from store.images import ImageError, open_image
+from store.manifest import read_manifest
 from store.rundir import RunDir
 from store.text import Vocabulary
 
@@ -30,6 +35,7 @@ class LoadedCaptioner:
     vocab: Vocabulary
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
     path: Path
+    neighbours: Neighbours | None = None  # the training photos, loaded on the first re-ranking
 
 
 def resolve_checkpoint(run_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
@@ -47,15 +53,60 @@ def load_captioner(path: Path) -> LoadedCaptioner:
 
 
 def generate(
-    loaded: LoadedCaptioner, features: torch.Tensor, beam: int = 3, alpha: float = 0.0, batch_size: int = 64
+    loaded: LoadedCaptioner,
+    features: torch.Tensor,
+    beam: int = 3,
+    alpha: float = 0.0,
+    batch_size: int = 64,
+    rerank: int = 0,
+    candidates: int = 5,
 ) -> list[str]:
-    """One sentence per feature row (N, D); <unk> is shown as the word "<unk>"."""
+    """One sentence per feature row (N, D); <unk> is shown as the word "<unk>".
+
+    With `rerank` k > 0, the beam's `candidates` best captions are re-scored by their CIDEr-D
+    against the captions of the k training photos nearest to each photo (decoder/consensus.py)."""
     vocab, sentences = loaded.vocab, []
+    if rerank > 0:
+        neighbours = neighbours_for(loaded)
+        cider = neighbours.cider()
     for start in range(0, features.size(0), batch_size):
         chunk = features[start : start + batch_size].float()
-        ids = beam_search(loaded.model, chunk, vocab.start_id, vocab.end_id, beam=beam, alpha=alpha)
-        sentences += [" ".join(vocab.decode(seq)) for seq in ids]
+        if rerank <= 0:
+            ids = beam_search(loaded.model, chunk, vocab.start_id, vocab.end_id, beam=beam, alpha=alpha)
+            sentences += [" ".join(vocab.decode(seq)) for seq in ids]
+            continue
+        width = max(beam, candidates)
+        nbest = beam_candidates(
+            loaded.model, chunk, vocab.start_id, vocab.end_id, beam=width, alpha=alpha, n_best=candidates
+        )
+        texts = [[" ".join(vocab.decode(seq)) for seq in cands] for cands in nbest]
+        picks = consensus_rerank(texts, neighbours, chunk.numpy(), rerank, cider)
+        sentences += [cands[p] for cands, p in zip(texts, picks, strict=True)]
     return sentences
+
+
+def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
+    """The checkpoint's training photos: RUNDIR/neighbours.npz, or (for a run made before it was
+    written) rebuilt from the run's feature store and manifest and saved there."""
+    if loaded.neighbours is None:
+        run = RunDir(loaded.path.parent.parent)  # RUNDIR/checkpoints/<name>.pt
+        if run.neighbours.is_file():
+            loaded.neighbours = Neighbours.load(run.neighbours)
+        else:
+            train = loaded.state["config"]["train"]
+            store_file, workdir = Path(train["store"]), Path(train["workdir"])
+            if not store_file.is_file():
+                raise UserError(
+                    f"re-ranking needs the training photos: {run.neighbours} is missing and so is {store_file}"
+                )
+            with FeatureStore.open(store_file) as store:
+                check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
+                loaded.neighbours = Neighbours.from_store(store, read_manifest(workdir))
+            try:
+                loaded.neighbours.save(run.neighbours)
+            except OSError:  # a read-only run folder: re-ranking still works, it just rebuilds next time
+                pass
+    return loaded.neighbours
 
 
 def build_encoder(state: dict) -> torch.nn.Module:

@@ -20,6 +20,7 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
+from decoder.consensus import Neighbours
 from decoder.loop import Fit, Outcome, Position
 from decoder.model import Captioner, CaptionerConfig
 from decoder.phase import Built, train_phase
@@ -146,6 +147,8 @@ class DecoderPhase:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         if state is not None:
             model.load_state_dict(state["model"])
+        elif ctx.is_main:  # what re-ranking needs, kept with the run so that new photos need no dataset
+            Neighbours.from_store(store, records).save(run.neighbours)
         identity = store_identity(store)
         config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
         fit = Fit(

@@ -6,6 +6,7 @@
     RUNDIR/plots/*.png
     RUNDIR/eval/<split>.json, <split>_captions.csv
     RUNDIR/finetuned-<run>.pt          the joint phase's CNN, exported for featurize --encoder-from
+    RUNDIR/neighbours.npz              the training photos' features and captions, for re-ranking
 
 Every module asks a RunDir for a path instead of joining names, so the layout is written once.
 """
@@ -89,6 +90,10 @@ class RunDir:
     @property
     def finetuned(self) -> Path:
         return self.path / f"finetuned-{self.name}.pt"
+
+    @property
+    def neighbours(self) -> Path:
+        return self.path / "neighbours.npz"
 
     def has_checkpoint(self) -> bool:
         """Whether there is something to resume: last.pt, or previous.pt if last.pt was lost."""
