@@ -21,7 +21,6 @@ import click
 from rich.console import Console
 
 from store.errors import UserError
-from store.rundir import RunDir
 
 DEFAULT_WORKDIR = Path("data/work")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
@@ -222,11 +221,15 @@ def featurize(
 @click.option(
     "--phase",
     type=click.Choice(["decoder", "joint", "scst"]),
-    default="decoder",
+    default=None,
     help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images; "
-    "scst: self-critical training of the LSTM on cached features, rewarded by CIDEr-D.",
+    "scst: self-critical training of the LSTM on cached features, rewarded by CIDEr-D "
+    "[default: the recipe, see docs/quality.md; with --resume, where the run stopped].",
 )
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
+@click.option(
+    "--members", type=int, default=None, help="Train an ensemble of this many decoders that differ only in seed."
+)
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
 @click.option("--epochs", type=int, default=None, help="Epochs in total for this phase [default: 40 decoder, 1 joint].")
 @click.option("--batch-size", type=int, default=None, help="Captions per batch [default: 32].")
@@ -280,19 +283,23 @@ def featurize(
 @click.option("--samples", type=int, default=None, help="Scst: captions sampled per photo [default: 5].")
 @click.option("--max-len", type=int, default=None, help="Scst: longest sampled caption in words [default: 16].")
 @user_errors
-def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
+def train(workdir, run_dir, phase, resume, members, max_minutes, weights, **options):
     """Train the captioner; interrupt it any time and continue with --resume.
 
     Example: python cli.py train data/work --epochs 40, then python cli.py train --resume
     """
-    if phase == "joint":
-        from decoder.joint import train_joint as train_phase
-    elif phase == "scst":
-        from decoder.scst import train_scst as train_phase
-    else:
-        from decoder.train import train_decoder as train_phase
-    outcome = train_phase(
-        workdir, run_dir, resume=resume, max_minutes=max_minutes, options=options, console=console, weights=weights
+    from decoder.recipe import train_run
+
+    outcome = train_run(
+        workdir,
+        run_dir,
+        phase=phase,
+        members=members,
+        resume=resume,
+        max_minutes=max_minutes,
+        options={k: v for k, v in options.items() if v is not None},
+        console=console,
+        weights=weights,
     )
     pos = outcome.position
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
@@ -302,7 +309,7 @@ def train(workdir, run_dir, phase, resume, max_minutes, weights, **options):
     else:
         console.print(
             f"[yellow]stopped ({outcome.status})[/] at epoch {pos.epoch + 1}, batch {pos.batch}; checkpoint saved. "
-            f"Continue with: python cli.py train --run {outcome.run_dir} --phase {phase} --resume"
+            f"Continue with: python cli.py train --run {outcome.run_dir}{f' --phase {phase}' if phase else ''} --resume"
         )
 
 
@@ -324,18 +331,22 @@ def plot(run_dir):
 
 
 def decoding_options(fn):
-    """The options that choose how captions are decoded, shared by evaluate and caption."""
+    """The options that choose how captions are decoded, shared by evaluate and caption; their
+    defaults are decoder.decoding.Decoding's."""
+    from decoder.decoding import Decoding
+
+    d = Decoding()
     options = [
-        click.option("--beam", default=3, help="Beam width; 1 is greedy decoding."),
-        click.option("--alpha", default=0.0, help="Length normalisation: score / length**alpha."),
-        click.option("--tta/--center", default=False, help="Average the features of the K crops, or the centre crop."),
+        click.option("--beam", default=d.beam, help="Beam width; 1 is greedy decoding."),
+        click.option("--alpha", default=d.alpha, help="Length normalisation: score / length**alpha."),
+        click.option("--tta/--center", default=d.tta, help="Average the features of the K crops, or the centre crop."),
         click.option(
             "--rerank",
-            default=0,
+            default=d.rerank,
             help="Re-rank the beam's candidates by CIDEr-D consensus with the captions of the K nearest "
             "training photos; 0 keeps the beam's best.",
         ),
-        click.option("--candidates", default=5, help="Beam candidates that --rerank chooses from."),
+        click.option("--candidates", default=d.candidates, help="Beam candidates that --rerank chooses from."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -352,21 +363,21 @@ def decoding_options(fn):
     default=None,
     help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].",
 )
+@click.option("--report", is_flag=True, help="Also write RUNDIR/eval/<split>.html: every photo, caption and score.")
 @user_errors
-def evaluate(run_dir, split, checkpoint, **decoding):
+def evaluate(run_dir, split, checkpoint, report, **decoding):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of a run on a split [default RUNDIR: latest run].
 
-    Example: python cli.py evaluate runs/20261128-101500 --split test --beam 3
+    Example: python cli.py evaluate runs/20261128-101500 --split test --beam 3 --report
     """
     from rich.table import Table
 
-    from decoder.evaluate import evaluate_run
-    from decoder.inference import load_captioner, resolve_checkpoint
+    from legende import Captioner
 
-    path = resolve_checkpoint(run_dir, checkpoint)
-    run_dir = path.parent.parent
-    result = evaluate_run(load_captioner(path), run_dir, split=split, **decoding)
-    title = f"{split} split, {result['images']} images, {path.name} (epoch {result['epoch']}), beam {decoding['beam']}"
+    cap = Captioner.load(checkpoint or run_dir)
+    result = cap.evaluate(split, report=report, **decoding)
+    what = f"{cap.members} members" if cap.members > 1 else cap.loaded.path.name
+    title = f"{split} split, {result['images']} images, {what} (epoch {result['epoch']}), beam {decoding['beam']}"
     if decoding["rerank"]:
         title += f", re-ranked by {decoding['rerank']} neighbours"
     table = Table(title=title)
@@ -376,7 +387,9 @@ def evaluate(run_dir, split, checkpoint, **decoding):
     Console().print(table)
     for note in result["notes"]:
         console.print(f"note: {note}")
-    console.print(f"wrote {RunDir(run_dir).eval_json(split)} and {split}_captions.csv (scores x100)")
+    console.print(f"wrote {cap.run.eval_json(split)} and {split}_captions.csv (scores x100)")
+    if report:
+        console.print(f"report: {result['report']}")
 
 
 @main.command()
@@ -392,30 +405,33 @@ def evaluate(run_dir, split, checkpoint, **decoding):
 @decoding_options
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the table, CSV or JSON to this file.")
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write an HTML page of the photos and their captions to this file.",
+)
 @click.option("--batch-size", default=16, help="Images per forward pass.")
 @click.option("--workers", default=2, help="Processes decoding images.")
 @user_errors
-def caption(target, run_dir, checkpoint, fmt, out, batch_size, workers, **decoding):
+def caption(target, run_dir, checkpoint, fmt, out, report, batch_size, workers, **decoding):
     """Caption every image under DIR (recursive), or one image file.
 
     Unknown words are shown as <unk>. Exit code 1 only when no image could be captioned.
 
-    Example: python cli.py caption photos/ --format csv --out captions.csv
+    Example: python cli.py caption photos/ --format csv --out captions.csv --report captions.html
     """
     from rich.table import Table
     from rich.text import Text
 
-    from decoder.captioning import caption_images, find_images, format_results
-    from decoder.inference import load_captioner, resolve_checkpoint
+    from decoder.captioning import format_results
+    from legende import Captioner
     from store.files import atomic_write_bytes
 
     if run_dir is not None and checkpoint is not None:
         raise click.UsageError("give --run or --checkpoint, not both")
-    paths = find_images(target)
-    if not paths:
-        raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
-    loaded = load_captioner(resolve_checkpoint(run_dir, checkpoint))
-    results = caption_images(loaded, paths, batch_size=batch_size, workers=workers, **decoding)
+    cap = Captioner.load(checkpoint or run_dir, batch_size=batch_size, workers=workers)
+    results = cap.caption_folder(target, report=report, **decoding)
     if fmt == "table":
         table = Table("image", "caption")
         base = target if target.is_dir() else target.parent
@@ -435,6 +451,8 @@ def caption(target, run_dir, checkpoint, fmt, out, batch_size, workers, **decodi
         Console().print(table)
     else:
         click.echo(format_results(results, fmt), nl=False)
+    if report is not None:
+        console.print(f"report: {report}")
     failed = [r for r in results if r.error is not None]
     for r in failed:
         console.print(f"[red]skipped[/] {r.image}: {r.error}", soft_wrap=True)

@@ -5,7 +5,7 @@
 
 Each step is a real `python cli.py ...` command run in a subprocess, printed before it runs and
 timed; at the end come the captions of held-out images beside a reference, the metrics and the
-time each step took.
+time each step took, and the path of the test split's HTML report (decoder/report.py).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
                 ["train", "--run", str(run), "--phase", "joint", "--resume", "--max-minutes", str(a.joint_minutes)],
                 t,
             )
-    step("evaluate", ["evaluate", str(run), "--split", "test"], t)
+    step("evaluate", ["evaluate", str(run), "--split", "test", "--report"], t)
 
     held_out = a.root / "held_out"
     shutil.rmtree(held_out, ignore_errors=True)
@@ -134,7 +134,8 @@ def main() -> None:
         timing.add_row(name, f"{seconds:.1f}")
     timing.add_row("[bold]total", f"[bold]{time.monotonic() - started:.1f}")
     console.print(timing)
-    console.print(f"plots: {run / 'plots'}")
+    console.print(f"plots: {run / 'plots'}", soft_wrap=True)  # soft_wrap: a path on one line, to copy
+    console.print(f"report (open it in a browser): {RunDir(run).eval_report('test')}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decoder.captioning import caption_images, find_images  # noqa: E402
-from decoder.inference import load_captioner, resolve_checkpoint  # noqa: E402
+from decoder.inference import load_run  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args()
     paths = find_images(a.dir)[: a.limit]
-    loaded = load_captioner(resolve_checkpoint(a.run))
+    loaded = load_run(a.run)
     caption_images(loaded, paths[:2], beam=1, workers=0)  # warm-up: weights, threads, allocator
     rates = {}
     for beam in (1, 3):

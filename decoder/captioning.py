@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from decoder.inference import LoadedCaptioner, encode_photos, generate
+from decoder.inference import LoadedCaptioner, Photo, encode_photos, generate
 from store.errors import UserError
 from store.images import IMAGE_EXTENSIONS
 
@@ -38,7 +38,7 @@ def find_images(target: Path) -> list[Path]:
 
 def caption_images(
     loaded: LoadedCaptioner,
-    paths: list[Path],
+    paths: list[Photo],
     beam: int = 3,
     alpha: float = 0.0,
     tta: bool = False,

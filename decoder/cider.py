@@ -3,10 +3,10 @@
 pycocoevalcap's scorer recounts document frequencies and rebuilds every reference vector on each
 call, and loops over n-grams in Python; self-critical training scores a batch of sampled captions
 at every step. Here the document frequencies come once from a reference corpus (the train split's
-captions), each image's references become a dense tf-idf matrix over their own n-grams once
-(`references`), and all candidates of an image are scored against all its references at once
-(`score`). The arithmetic is pycocoevalcap's, quirks included: the length penalty compares bigram
-counts, and a candidate's n-grams absent from the references add to its norm only.
+captions), an image's references become a count matrix over their own n-grams once
+(`references`), and all candidates are scored against all references with a few matrix products
+(`similarity`). The arithmetic is pycocoevalcap's, quirks included: the length penalty compares
+bigram counts, and a candidate's n-grams absent from the references add to its norm only.
 tests/test_cider.py checks equality with pycocoevalcap to 1e-6.
 
     cider = CiderD(corpus)                         # corpus: each image's reference captions
@@ -32,12 +32,13 @@ def ngram_counts(tokens: list[str], n: int = 4) -> Counter[Ngram]:
 
 @dataclass
 class References:
-    """One image's references as tf-idf rows over the n-grams they contain."""
+    """One image's (or one set of) references as n-gram count rows over the n-grams they contain."""
 
     index: dict[Ngram, int]  # n-gram -> column
-    weights: np.ndarray  # (R, U) tf-idf
+    counts: np.ndarray  # (R, U) term frequencies
+    idf: np.ndarray  # (U,) log(images) - log(df): an n-gram's tf-idf weight is tf * idf
     order: np.ndarray  # (U,) n-gram length - 1
-    norms: np.ndarray  # (R, n)
+    norms: np.ndarray  # (R, n) tf-idf norm per n-gram length
     lengths: np.ndarray  # (R,) bigram counts (pycocoevalcap's "length")
 
 
@@ -55,44 +56,59 @@ class CiderD:
             raise ValueError("CIDEr-D needs a reference corpus of at least one image")
         self.log_images = math.log(float(images))
 
-    def _vector(self, caption: str) -> tuple[dict[Ngram, float], np.ndarray, int]:
-        """(tf-idf by n-gram, norm per n-gram length, bigram count) of one caption."""
-        vec, norms, length = {}, np.zeros(self.n), 0
-        for g, tf in ngram_counts(caption.split(), self.n).items():
-            w = float(tf) * (self.log_images - math.log(max(1.0, self.df[g])))
-            vec[g] = w
-            norms[len(g) - 1] += w * w
-            if len(g) == 2:
-                length += tf
-        return vec, np.sqrt(norms), length
+    def _idf(self, g: Ngram) -> float:
+        return self.log_images - math.log(max(1.0, self.df[g]))
+
+    def _stats(self, counts: list[Counter[Ngram]]) -> tuple[np.ndarray, np.ndarray]:
+        """(norms (S, n), bigram counts (S,)) of captions' full tf-idf vectors."""
+        norms, lengths = np.zeros((len(counts), self.n)), np.zeros(len(counts))
+        for s, c in enumerate(counts):
+            for g, tf in c.items():
+                norms[s, len(g) - 1] += (tf * self._idf(g)) ** 2
+                if len(g) == 2:
+                    lengths[s] += tf
+        return np.sqrt(norms), lengths
 
     def references(self, captions: list[str]) -> References:
-        vectors = [self._vector(c) for c in captions]
+        counts = [ngram_counts(c.split(), self.n) for c in captions]
         index: dict[Ngram, int] = {}
-        for vec, _, _ in vectors:
-            for g in vec:
+        for c in counts:
+            for g in c:
                 index.setdefault(g, len(index))
-        weights = np.zeros((len(captions), len(index)))
-        for r, (vec, _, _) in enumerate(vectors):
-            weights[r, [index[g] for g in vec]] = list(vec.values())
+        matrix = np.zeros((len(captions), len(index)))
+        for r, c in enumerate(counts):
+            matrix[r, [index[g] for g in c]] = list(c.values())
+        idf = np.array([self._idf(g) for g in index])
         order = np.array([len(g) - 1 for g in index], dtype=np.int64)
-        norms = np.stack([v[1] for v in vectors]) if vectors else np.zeros((0, self.n))
-        return References(index, weights, order, norms, np.array([v[2] for v in vectors], dtype=np.float64))
+        norms, lengths = self._stats(counts)
+        return References(index, matrix, idf, order, norms, lengths)
 
-    def score(self, candidates: list[str], refs: References) -> np.ndarray:
-        """CIDEr-D of each candidate against the same references; (S,)."""
+    def similarity(self, candidates: list[str], refs: References) -> np.ndarray:
+        """(S, R): CIDEr-D of each candidate against each single reference.
+
+        The clipped product of pycocoevalcap, min(tf_s, tf_r) * idf * tf_r * idf summed over the
+        shared n-grams, is computed as matrix products: min(a, b) = sum over t >= 1 of [a >= t][b >= t].
+        """
+        counts = [ngram_counts(c.split(), self.n) for c in candidates]
         hyp = np.zeros((len(candidates), len(refs.index)))
-        hyp_norms, hyp_lengths = np.zeros((len(candidates), self.n)), np.zeros(len(candidates))
-        for s, caption in enumerate(candidates):
-            vec, hyp_norms[s], hyp_lengths[s] = self._vector(caption)
-            cols = [(refs.index[g], w) for g, w in vec.items() if g in refs.index]
-            if cols:
-                hyp[s, [c for c, _ in cols]] = [w for _, w in cols]
-        ref = refs.weights[None]  # (1, R, U)
-        clipped = np.minimum(hyp[:, None], ref) * ref  # (S, R, U)
-        val = np.stack([clipped[..., refs.order == k].sum(-1) for k in range(self.n)], axis=-1)  # (S, R, n)
+        for s, c in enumerate(counts):
+            shared = [(refs.index[g], tf) for g, tf in c.items() if g in refs.index]
+            if shared:
+                hyp[s, [i for i, _ in shared]] = [tf for _, tf in shared]
+        hyp_norms, hyp_lengths = self._stats(counts)
+        weighted = refs.counts * refs.idf**2  # (R, U): tf_r * idf^2
+        val = np.zeros((len(candidates), len(refs.lengths), self.n))
+        top = int(max(hyp.max(initial=0), refs.counts.max(initial=0)))
+        for k in range(self.n):
+            cols = refs.order == k
+            h, r, w = hyp[:, cols], refs.counts[:, cols], weighted[:, cols]
+            for t in range(1, top + 1):
+                val[..., k] += (h >= t).astype(np.float64) @ ((r >= t) * w).T
         denom = hyp_norms[:, None, :] * refs.norms[None]  # (S, R, n)
         val = np.divide(val, denom, out=val, where=denom != 0)
         delta = hyp_lengths[:, None] - refs.lengths[None]  # (S, R)
-        val *= np.exp(-(delta**2) / (2 * self.sigma**2))[..., None]
-        return val.mean(-1).sum(1) / len(refs.lengths) * 10.0
+        return val.mean(-1) * np.exp(-(delta**2) / (2 * self.sigma**2)) * 10.0
+
+    def score(self, candidates: list[str], refs: References) -> np.ndarray:
+        """CIDEr-D of each candidate against all the references (their mean); (S,)."""
+        return self.similarity(candidates, refs).mean(1)

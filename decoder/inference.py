@@ -8,14 +8,16 @@ features the decoder was trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from decoder.consensus import Neighbours
 from decoder.consensus import rerank as consensus_rerank
+from decoder.ensemble import Ensemble, check_members_agree
 from decoder.model import Captioner, CaptionerConfig
 from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
@@ -36,13 +38,13 @@ class LoadedCaptioner:
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
     path: Path
     neighbours: Neighbours | None = None  # the training photos, loaded on the first re-ranking
+    # The CNN of inference_encoder(state), built on the first photo encoded and kept: building and
+    # folding Inception costs more than encoding a photo. Not an init field, so dataclasses.replace
+    # (a changed state) starts without it.
+    encoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
 
-def resolve_checkpoint(run_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
-    """--checkpoint FILE, else RUNDIR's best.pt (or last.pt), else the latest run's."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    return (RunDir(run_dir) if run_dir is not None else RunDir.latest()).newest_checkpoint()
+Photo = Path | Image.Image  # an image file, or an image already decoded (RGB, upright)
 
 
 def load_captioner(path: Path) -> LoadedCaptioner:
@@ -50,6 +52,28 @@ def load_captioner(path: Path) -> LoadedCaptioner:
     model = Captioner(CaptionerConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
     return LoadedCaptioner(model.eval(), Vocabulary(state["vocab"]), state, Path(path))
+
+
+def load_ensemble(paths: list[Path]) -> LoadedCaptioner:
+    """Several checkpoints decoded as one (decoder/ensemble.py); the first one's state stands for
+    all of them (store identity, crops, neighbours), which check_members_agree makes true."""
+    members = [load_captioner(p) for p in paths]
+    check_members_agree([m.state for m in members], [m.path for m in members])
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    return LoadedCaptioner(Ensemble([m.model for m in members]).eval(), first.vocab, first.state, first.path)
+
+
+def load_run(run_dir: Path | None = None, checkpoint: Path | None = None) -> LoadedCaptioner:
+    """--checkpoint FILE; else RUNDIR's (or the latest run's) best.pt, of every member of an ensemble."""
+    if checkpoint is not None:
+        return load_captioner(Path(checkpoint))
+    run = RunDir(run_dir) if run_dir is not None else RunDir.latest()
+    members = run.members()
+    if members:
+        return load_ensemble([m.newest_checkpoint() for m in members])
+    return load_captioner(run.newest_checkpoint())
 
 
 def generate(
@@ -139,15 +163,16 @@ def crop_policy(state: dict) -> CropPolicy:
 class _ImageCrops(Dataset):
     """Decodes and crops images in DataLoader workers; a bad file yields its error instead."""
 
-    def __init__(self, paths: list[Path], policy: CropPolicy, tta: bool):
+    def __init__(self, paths: list[Photo], policy: CropPolicy, tta: bool):
         self.paths, self.policy, self.tta = paths, policy, tta
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        photo = self.paths[i]
         try:
-            img = open_image(self.paths[i])
+            img = photo if isinstance(photo, Image.Image) else open_image(photo)
         except ImageError as e:
             return i, None, str(e)
         crops = self.policy.crops(img, 0) if self.tta else self.policy.center(img)[None]
@@ -155,7 +180,7 @@ class _ImageCrops(Dataset):
 
 
 def encode_images(
-    paths: list[Path],
+    paths: list[Photo],
     encoder: torch.nn.Module,
     policy: CropPolicy,
     tta: bool = False,
@@ -186,15 +211,17 @@ def encode_images(
 
 def encode_photos(
     loaded: LoadedCaptioner,
-    paths: list[Path],
+    paths: list[Photo],
     tta: bool = False,
     batch_size: int = 16,
     workers: int = 2,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """encode_images with the CNN, crops and precision that made the checkpoint's training features."""
+    if loaded.encoder is None:
+        loaded.encoder = inference_encoder(loaded.state)
     return encode_images(
         paths,
-        inference_encoder(loaded.state),
+        loaded.encoder,
         crop_policy(loaded.state),
         tta=tta,
         batch_size=batch_size,

@@ -50,7 +50,7 @@ def open_image(path: Path) -> Image.Image:
                 img.seek(0)  # first frame of an animated GIF / WebP
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return to_rgb(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -59,7 +59,7 @@ def open_image(path: Path) -> Image.Image:
         raise ImageError(f"cannot decode: {e}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, compositing transparency onto white (a black background would invent dark scenes)."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

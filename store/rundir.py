@@ -4,9 +4,11 @@
     RUNDIR/checkpoints/{last,previous,best}.pt
     RUNDIR/metrics/{batches,epochs}.csv
     RUNDIR/plots/*.png
-    RUNDIR/eval/<split>.json, <split>_captions.csv
+    RUNDIR/eval/<split>.json, <split>_captions.csv, <split>.html
     RUNDIR/finetuned-<run>.pt          the joint phase's CNN, exported for featurize --encoder-from
     RUNDIR/neighbours.npz              the training photos' features and captions, for re-ranking
+    RUNDIR/recipe.json                 a run of several steps or members: the plan and what is done
+    RUNDIR/members/<i>/                an ensemble's members, each laid out as a run of its own
 
 Every module asks a RunDir for a path instead of joining names, so the layout is written once.
 """
@@ -87,6 +89,9 @@ class RunDir:
     def eval_captions(self, split: str) -> Path:
         return self.eval / f"{split}_captions.csv"
 
+    def eval_report(self, split: str) -> Path:
+        return self.eval / f"{split}.html"
+
     @property
     def finetuned(self) -> Path:
         return self.path / f"finetuned-{self.name}.pt"
@@ -94,6 +99,20 @@ class RunDir:
     @property
     def neighbours(self) -> Path:
         return self.path / "neighbours.npz"
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / "recipe.json"
+
+    def member(self, i: int) -> RunDir:
+        return RunDir(self.path / "members" / str(i))
+
+    def members(self) -> list[RunDir]:
+        """An ensemble's members in order; empty for a run of one decoder."""
+        folder = self.path / "members"
+        if not folder.is_dir():
+            return []
+        return [RunDir(p) for p in sorted(folder.iterdir(), key=lambda p: (len(p.name), p.name)) if p.is_dir()]
 
     def has_checkpoint(self) -> bool:
         """Whether there is something to resume: last.pt, or previous.pt if last.pt was lost."""
@@ -123,7 +142,7 @@ class RunDir:
     @classmethod
     def latest(cls, root: Path = RUNS_ROOT) -> RunDir:
         """The most recently written run under `root` that has checkpoints."""
-        runs = [cls(p) for p in Path(root).glob("*") if cls(p).checkpoints.is_dir()]
+        runs = [cls(p) for p in Path(root).glob("*") if cls(p).checkpoints.is_dir() or cls(p).recipe.is_file()]
         if not runs:
             raise UserError(f"no runs with checkpoints under {root}/: train one first (python cli.py train)")
-        return max(runs, key=lambda r: r.checkpoints.stat().st_mtime)
+        return max(runs, key=lambda r: (r.checkpoints if r.checkpoints.is_dir() else r.recipe).stat().st_mtime)

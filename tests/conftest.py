@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import TINY, run_cli
 
 
 @pytest.fixture
@@ -59,3 +59,12 @@ def featurized(tmp_path_factory) -> Path:
         "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80
     )
     return root / "work"
+
+
+@pytest.fixture(scope="session")
+def trained(featurized, tmp_path_factory) -> Path:
+    """A tiny decoder trained for 2 epochs on `featurized`, through the CLI: RUNDIR. Tests may
+    evaluate and caption with it (which writes RUNDIR/eval/), not train it further."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_cli("train", featurized, "--run", run, "--epochs", 2, "--lr", "3e-3", *TINY)
+    return run

@@ -12,13 +12,6 @@ from store.rundir import RunDir
 from tests.helpers import TINY, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained(featurized, tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    run_cli("train", featurized, "--run", run, "--epochs", 2, "--lr", "3e-3", *TINY)
-    return run
-
-
 def test_metrics_on_known_inputs():
     refs = {"a": ["a red circle above a blue square", "a red circle and a blue square"], "b": ["a green triangle"]}
     perfect, _ = score_captions(

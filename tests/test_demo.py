@@ -41,3 +41,5 @@ def test_demo_runs_end_to_end(tmp_path):
         assert expected in out
     assert (RunDir(tmp_path / "run").plots / "epoch_loss.png").exists()
     assert (RunDir(tmp_path / "run").eval_json("test")).exists()
+    report = RunDir(tmp_path / "run").eval_report("test")  # the demo ends with the report's path
+    assert out.strip().splitlines()[-1].endswith(str(report)) and report.is_file()

@@ -1,0 +1,246 @@
+"""Caption quality by k-fold cross-validation: every photo is a test photo once, one CNN pass for all.
+
+    python bench/crossval.py ../shared/flickr8k-dev --out data/cv --folds 5 --method retrieval --method defaults
+    make crossval DATA=../shared/flickr8k-dev
+
+The dataset is prepared and featurized once (OUT/work). Each fold then gets its own workdir,
+OUT/folds/fold<f>/work: the same manifest rows with the fold's photos as `test`, 10% of the others
+as `val` (what picks best.pt) and the rest as `train`, a vocabulary from that train split only, and
+a link to the one feature store (a store's identity is its images, not their split). Every method
+is trained and scored on the same folds, so methods are compared photo for photo.
+
+Methods (--method, repeatable; each adds one row per fold to OUT/crossval.json):
+  retrieval        no decoder: the consensus caption of the 30 nearest training photos
+  defaults         `train` with today's defaults (40 epochs, best.pt by val loss), beam 3
+  NAME:ARGS        any other recipe, e.g. "e20-cider:--epochs 20 --select-by cider" (ARGS go to
+                   `cli.py train`); later phases after ';', decoding options after '|':
+                   "e20+scst+rerank:--epochs 20 --select-by cider ; --phase scst|rerank=30,candidates=5"
+
+Scores are x100, mean ± standard error over folds; `distinct` is distinct captions per 100 photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from store.features import FeatureStore, find_store  # noqa: E402
+from store.manifest import VOCAB_NAME, Record, read_manifest, write_manifest  # noqa: E402
+from store.text import Vocabulary  # noqa: E402
+
+METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+VAL_SHARE = 0.1
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="dataset for `cli.py prepare`")
+    p.add_argument("--out", type=Path, default=Path("data/cv"), help="work folder (default: data/cv)")
+    p.add_argument("--folds", type=int, default=5, help="k (default: 5)")
+    p.add_argument("--only-folds", default=None, help="comma-separated folds to run (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
+    p.add_argument("--min-word-count", type=int, default=5, help="vocabulary threshold per fold (default: 5)")
+    p.add_argument("--method", action="append", default=[], help="see above (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of every step")
+    return p
+
+
+def cli(*args: str, log: Path) -> float:
+    """`python cli.py ARGS`, its output appended to `log`; the seconds it took."""
+    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
+    print("$ python cli.py " + " ".join(args), flush=True)
+    started = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"`cli.py {args[0]}` failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
+    ids = sorted(r.id for r in records)
+    random.Random(seed).shuffle(ids)
+    return {image: i % folds for i, image in enumerate(ids)}
+
+
+def fold_workdir(
+    out: Path, base: Path, records: list[Record], fold: int, folds: int, seed: int, min_count: int
+) -> Path:
+    """OUT/folds/fold<f>/work with the fold's splits, its own vocabulary and a link to the store."""
+    work = out / "folds" / f"k{folds}-s{seed}" / f"fold{fold}" / "work"
+    assign = fold_of(records, folds, seed)
+    rest = sorted((r.id for r in records if assign[r.id] != fold), key=lambda i: (hash_of(i, seed), i))
+    val = set(rest[: round(VAL_SHARE * len(rest))])
+    split = {r.id: "test" if assign[r.id] == fold else "val" if r.id in val else "train" for r in records}
+    fold_records = [Record(r.id, r.path, split[r.id], r.captions) for r in records]
+    write_manifest(work, fold_records)
+    vocab = Vocabulary.build((c.split() for r in fold_records if r.split == "train" for c in r.captions), min_count)
+    vocab.save(work / VOCAB_NAME)
+    store = find_store(base).resolve()
+    link = work / "features" / store.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(store)
+    return work
+
+
+def hash_of(text: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big")
+
+
+def centre_features(store: FeatureStore, rows: list[int]) -> np.ndarray:
+    return store.read(np.asarray(rows))[:, 0].astype(np.float32)  # (n, D)
+
+
+def score_rows(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict:
+    from decoder.metrics import score_captions
+
+    scores, _ = score_captions(references, hypotheses)
+    out = {k: round(100 * v, 2) for k, v in scores.items()}
+    out["distinct"] = round(100 * len(set(hypotheses.values())) / len(hypotheses), 1)
+    return out
+
+
+def run_retrieval(work: Path, k: int = 30) -> tuple[dict, dict[str, str]]:
+    from decoder.consensus import Neighbours, retrieve
+
+    records = read_manifest(work)
+    with FeatureStore.open(find_store(work)) as store:
+        train = [i for i, r in enumerate(records) if r.split == "train" and store.done[i]]
+        test = [i for i, r in enumerate(records) if r.split == "test" and store.done[i]]
+        neighbours = Neighbours.from_features(centre_features(store, train), [records[i].captions for i in train])
+        queries = centre_features(store, test)
+    captions = retrieve(neighbours, queries, k)
+    hyps = {records[i].id: c for i, c in zip(test, captions, strict=True)}
+    return score_rows({records[i].id: records[i].captions for i in test}, hyps), hyps
+
+
+def run_recipe(work: Path, phases: list[list[str]], decode: dict, log: Path) -> tuple[dict, dict[str, str], float]:
+    """Train the phases in turn (each later phase continues a copy of the run after the phases
+    before it, so recipes sharing a start share its training), then score best.pt on the test split."""
+    from decoder.evaluate import evaluate_run
+    from decoder.inference import load_run
+
+    seconds, previous = 0.0, None
+    for i in range(len(phases)):
+        key = hashlib.sha256(json.dumps(phases[: i + 1]).encode()).hexdigest()[:10]
+        run = work.parent / "runs" / key
+        done = run / "bench_seconds.json"
+        if not done.exists():
+            if previous is not None:
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(previous, run)
+                args = ["train", "--run", str(run), *phases[i]]
+            else:
+                args = ["train", str(work), "--run", str(run), *phases[i]]
+            took = cli(*args, log=log)
+            (run / "bench_recipe.json").write_text(json.dumps(phases[: i + 1]))
+            done.write_text(json.dumps({"seconds": took}))
+        seconds += json.loads(done.read_text())["seconds"]
+        previous = run
+    loaded = load_run(previous)
+    result = evaluate_run(loaded, previous, split="test", write=False, **decode)
+    hyps = {rec.id: hyp for rec, hyp in result["captions"]}
+    scores = {k: round(100 * v, 2) for k, v in result["scores"].items()}
+    scores["distinct"] = round(100 * len(set(hyps.values())) / len(hyps), 1)
+    return scores, hyps, seconds
+
+
+def parse_method(spec: str) -> tuple[str, list[list[str]], dict]:
+    """'name:phase 1 args ; phase 2 args|decode' -> (name, [args of each phase], decode options)."""
+    if spec == "defaults":
+        return "defaults", [[]], {"beam": 3}
+    name, _, rest = spec.partition(":")
+    train, _, decode = rest.partition("|")
+    options = {"beam": 3}
+    for part in filter(None, (s.strip() for s in decode.split(","))):
+        key, _, value = part.partition("=")
+        options[key] = float(value) if key == "alpha" else True if key == "tta" else int(value)
+    return name, [shlex.split(p) for p in train.split(";")], options
+
+
+def summarise(rows: list[dict]) -> str:
+    """mean ± standard error over folds, one line per method, in the order first run."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | folds | " + " | ".join(METRICS) + " | distinct /100 | train s / fold |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        cells = []
+        for key in (*METRICS, "distinct"):
+            vals = [r["scores"][key] for r in rs if key in r["scores"]]
+            if not vals:
+                cells.append("–")
+                continue
+            se = np.std(vals, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+            cells.append(f"{np.mean(vals):.1f} ± {se:.1f}")
+        secs = [r["train_seconds"] for r in rs if not math.isnan(r.get("train_seconds", float("nan")))]
+        lines.append(
+            f"| {m} | {len(rs)} | " + " | ".join(cells) + f" | {np.mean(secs):.0f} |"
+            if secs
+            else f"| {m} | {len(rs)} | " + " | ".join(cells) + " | 0 |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["LEGENDE_THREADS"] = str(args.threads)
+    log = out / "crossval.log"
+    base = out / "work"
+    if not (base / "manifest.jsonl").exists():
+        cli("prepare", args.data, "--out", str(base), log=log)
+    cli("featurize", str(base), "--resume", log=log)
+    records = read_manifest(base)
+    results_path = out / "crossval.json"
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    folds = range(args.folds) if not args.only_folds else [int(f) for f in args.only_folds.split(",")]
+    for spec in args.method:
+        for fold in folds:
+            work = fold_workdir(out, base, records, fold, args.folds, args.seed, args.min_word_count)
+            started = time.perf_counter()
+            if spec == "retrieval":
+                name, scores, hyps, train_seconds = "retrieval (k=30)", *run_retrieval(work), 0.0
+            else:
+                name, phases, decode = parse_method(spec)
+                scores, hyps, train_seconds = run_recipe(work, phases, decode, log)
+            row = {
+                "method": name,
+                "fold": fold,
+                "folds": args.folds,
+                "seed": args.seed,
+                "scores": scores,
+                "train_seconds": train_seconds,
+                "eval_seconds": round(time.perf_counter() - started, 1),
+                "examples": dict(list(hyps.items())[:3]),
+            }
+            rows = [r for r in rows if not (r["method"] == name and r["fold"] == fold and r["folds"] == args.folds)] + [
+                row
+            ]
+            results_path.write_text(json.dumps(rows, indent=1))
+            (out / "crossval.md").write_text(summarise(rows))
+            print(f"{name} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,21 @@
+"""How captions are decoded: one set of options and defaults for the CLI, the Python API and the benches.
+
+Kept apart from decoder/inference.py so that reading the defaults imports no torch (the CLI builds
+its options from them at start-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How captions are decoded; the defaults are the CLI's and the Python API's, chosen on the
+    cross-validated measurement (docs/quality.md)."""
+
+    beam: int = 3  # beam width; 1 is greedy
+    alpha: float = 0.0  # length normalisation: score / length**alpha
+    tta: bool = False  # average the features of the K crops instead of the centre crop
+    rerank: int = 0  # re-rank by CIDEr-D consensus with the captions of this many nearest training photos
+    candidates: int = 5  # beam candidates that re-ranking chooses from

@@ -1,0 +1,138 @@
+"""A trained captioner loaded once, then asked for captions as often as needed.
+
+    cap = Captioner.load("runs/my-run")      # a run folder (an ensemble's too) or a checkpoint file
+    cap("photo.jpg")                         # -> "a dog runs through the grass"
+    cap([pil_image, "b.png"], beam=5)        # PIL images, paths or a mix -> a list of captions
+    cap.caption_folder("photos/")            # -> [CaptionResult(image, caption, error)], errors included
+    cap.evaluate("test", report=True)        # scores; RUNDIR/eval/test.{json,html}, test_captions.csv
+
+`caption` and `evaluate` on the command line are this class used once, so a photo gets the same
+caption from Python as from the CLI. What is slow to build is built once and kept: the decoder
+(or the ensemble's decoders) and vocabulary by `load`, the CNN on the first photo (Inception v3
+with its batch norm folded takes longer to build than a photo takes to encode), the re-ranking
+neighbours on the first re-ranking. The decoding options default to decoder.decoding.Decoding's,
+for every call, unless `load` or the call says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from decoder.captioning import CaptionResult, caption_images, find_images
+from decoder.decoding import Decoding
+from decoder.ensemble import Ensemble
+from decoder.evaluate import evaluate_run
+from decoder.inference import LoadedCaptioner, Photo, load_run
+from decoder.report import caption_report, decoding_text, evaluation_report, write_report
+from store.errors import UserError
+from store.images import to_rgb
+from store.rundir import RunDir
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+class Captioner:
+    """Use `Captioner.load`. `decoding` holds the defaults of every call (beam, alpha, tta, rerank,
+    candidates); `batch_size` photos are decoded and encoded at a time, by `workers` processes."""
+
+    def __init__(
+        self, loaded: LoadedCaptioner, run: RunDir, decoding: Decoding, batch_size: int = 16, workers: int = 2
+    ):
+        self.loaded, self.run, self.decoding = loaded, run, decoding
+        self.batch_size, self.workers = batch_size, workers
+
+    @classmethod
+    def load(
+        cls, source: str | os.PathLike | None = None, *, batch_size: int = 16, workers: int = 2, **decoding
+    ) -> Captioner:
+        """`source`: a run folder (its best.pt, or last.pt before there is one; every member's for an
+        ensemble), a checkpoint file, or None for the latest run under runs/. `decoding` overrides
+        Decoding's defaults for this captioner, e.g. beam=5."""
+        if source is None:
+            run = RunDir.latest()
+            loaded = load_run(run.path)
+        elif Path(source).is_file():
+            loaded = load_run(checkpoint=Path(source))
+            run = RunDir(Path(source).parent.parent)  # RUNDIR/checkpoints/<name>.pt
+        elif Path(source).is_dir():
+            run = RunDir(source)
+            loaded = load_run(run.path)
+        else:
+            raise UserError(f"{source}: no such run folder or checkpoint file")
+        return cls(loaded, run, replace(Decoding(), **decoding), batch_size=batch_size, workers=workers)
+
+    @property
+    def members(self) -> int:
+        """How many decoders vote on each word: 1, or an ensemble's size."""
+        model = self.loaded.model
+        return len(model.members) if isinstance(model, Ensemble) else 1
+
+    def describe(self) -> str:
+        """What captions: the checkpoint file, or the run and its number of members."""
+        return f"{self.run} ({self.members} members)" if self.members > 1 else str(self.loaded.path)
+
+    def __call__(self, images: ImageInput | Iterable[ImageInput], **decoding) -> str | list[str]:
+        """The caption of one image (a path or a PIL image), or the list of captions of several.
+
+        A file that cannot be read raises UserError naming it; caption_folder reports it instead."""
+        single = isinstance(images, str | os.PathLike | Image.Image)
+        items = [images] if single else list(images)
+        if not items:
+            return []
+        results = self._caption([_photo(x) for x in items], self._settings(decoding))
+        failed = [(x, r.error) for x, r in zip(items, results, strict=True) if r.error is not None]
+        if failed:
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise UserError(f"{failed[0][0]}: {failed[0][1]}{more}")
+        captions = [r.caption for r in results]
+        return captions[0] if single else captions
+
+    def caption_folder(
+        self, folder: str | os.PathLike, *, report: str | os.PathLike | None = None, **decoding
+    ) -> list[CaptionResult]:
+        """Every image under `folder` (recursive, sorted), or `folder` itself when it is a file;
+        unreadable files come back with their error. With `report`, also writes the HTML page there."""
+        target = Path(folder)
+        paths = find_images(target)
+        if not paths:
+            raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
+        settings = self._settings(decoding)
+        results = self._caption(paths, settings)
+        if report is not None:
+            details = {"model": self.describe(), "photos": str(target), "decoding": decoding_text(asdict(settings))}
+            base = target if target.is_dir() else target.parent
+            write_report(Path(report), caption_report(results, base, self.run, details))
+        return results
+
+    def evaluate(self, split: str = "test", *, report: bool = False, write: bool = True, **decoding) -> dict:
+        """decoder.evaluate.evaluate_run on the run's split: scores, notes and the captions. `write`
+        keeps RUNDIR/eval/<split>.json and _captions.csv; `report` also writes RUNDIR/eval/<split>.html,
+        whose path is then result["report"]."""
+        settings = self._settings(decoding)
+        result = evaluate_run(self.loaded, self.run.path, split=split, write=write, **asdict(settings))
+        if report:
+            result["report"] = write_report(
+                self.run.eval_report(split), evaluation_report(result, self.run, self.describe())
+            )
+        return result
+
+    def _settings(self, overrides: dict) -> Decoding:
+        return replace(self.decoding, **overrides)
+
+    def _caption(self, photos: list[Photo], settings: Decoding) -> list[CaptionResult]:
+        # One batch gains nothing from worker processes but their start-up time.
+        workers = self.workers if len(photos) > self.batch_size else 0
+        return caption_images(self.loaded, photos, batch_size=self.batch_size, workers=workers, **asdict(settings))
+
+
+def _photo(image: ImageInput) -> Photo:
+    """A path, or a PIL image made upright and RGB the way store.images.open_image makes a file's
+    (transparency on white), so that an image gives the same caption as the file it came from."""
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    return Path(image)
