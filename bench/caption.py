@@ -1,8 +1,10 @@
-"""Images per second of `caption DIR`, end to end (decoding, resizing, CNN, beam search).
+"""Images per second of `caption DIR`, end to end (decoding, resizing, CNN, search, re-ranking).
 
     python bench/caption.py DIR [--run RUNDIR] [--limit 64]
 
-Loads the run once, then captions the same images at beam 1 and at beam 3 in this process.
+Loads the run once, then captions the same images in this process with greedy decoding, with
+the old default (beam 3), and with today's defaults (decoder.decoding.Decoding: beam 3 and
+re-ranking), and prints each speed against the old default's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decoder.captioning import caption_images, find_images  # noqa: E402
+from decoder.decoding import Decoding  # noqa: E402
 from decoder.inference import load_run  # noqa: E402
 
 
@@ -27,14 +31,21 @@ def main() -> None:
     a = p.parse_args()
     paths = find_images(a.dir)[: a.limit]
     loaded = load_run(a.run)
-    caption_images(loaded, paths[:2], beam=1, workers=0)  # warm-up: weights, threads, allocator
+    settings = {
+        "greedy": Decoding(beam=1, rerank=0),
+        "beam 3 (old default)": Decoding(beam=3, rerank=0),
+        f"defaults ({Decoding()})": Decoding(),
+    }
+    for decoding in settings.values():  # warm-up: weights, threads, allocator, neighbours
+        caption_images(loaded, paths[:2], workers=0, **asdict(decoding))
     rates = {}
-    for beam in (1, 3):
+    for name, decoding in settings.items():
         started = time.perf_counter()
-        results = caption_images(loaded, paths, beam=beam, workers=a.workers)
-        rates[beam] = len(results) / (time.perf_counter() - started)
-        print(f"beam {beam}: {rates[beam]:.2f} images/s over {len(results)} images")
-    print(f"beam 3 / beam 1 speed: {rates[3] / rates[1]:.2f}")
+        results = caption_images(loaded, paths, workers=a.workers, **asdict(decoding))
+        rates[name] = len(results) / (time.perf_counter() - started)
+    base = rates["beam 3 (old default)"]
+    for name, rate in rates.items():
+        print(f"{name}: {rate:.2f} images/s over {len(paths)} images ({rate / base:.2f}x the old default)")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-word-count", type=int, default=5, help="vocabulary threshold per fold (default: 5)")
     p.add_argument("--method", action="append", default=[], help="see above (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of every step")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="score the held-out fold (test), or each fold's validation photos, to choose settings "
+        "without looking at the test photos (rows are then named METHOD@val)",
+    )
     return p
 
 
@@ -132,7 +139,9 @@ def run_retrieval(work: Path, k: int = 30) -> tuple[dict, dict[str, str]]:
     return score_rows({records[i].id: records[i].captions for i in test}, hyps), hyps
 
 
-def run_recipe(work: Path, phases: list[list[str]], decode: dict, log: Path) -> tuple[dict, dict[str, str], float]:
+def run_recipe(
+    work: Path, phases: list[list[str]], decode: dict, log: Path, split: str = "test"
+) -> tuple[dict, dict[str, str], float]:
     """Train the phases in turn (each later phase continues a copy of the run after the phases
     before it, so recipes sharing a start share its training), then score best.pt on the test split."""
     from decoder.evaluate import evaluate_run
@@ -156,7 +165,7 @@ def run_recipe(work: Path, phases: list[list[str]], decode: dict, log: Path) -> 
         seconds += json.loads(done.read_text())["seconds"]
         previous = run
     loaded = load_run(previous)
-    result = evaluate_run(loaded, previous, split="test", write=False, **decode)
+    result = evaluate_run(loaded, previous, split=split, write=False, **decode)
     hyps = {rec.id: hyp for rec, hyp in result["captions"]}
     scores = {k: round(100 * v, 2) for k, v in result["scores"].items()}
     scores["distinct"] = round(100 * len(set(hyps.values())) / len(hyps), 1)
@@ -176,28 +185,31 @@ def parse_method(spec: str) -> tuple[str, list[list[str]], dict]:
     return name, [shlex.split(p) for p in train.split(";")], options
 
 
-def summarise(rows: list[dict]) -> str:
-    """mean ± standard error over folds, one line per method, in the order first run."""
+def summarise(rows: list[dict], baseline: str = "defaults") -> str:
+    """mean ± standard error over folds, one line per method in the order first run; ΔCIDEr-D is
+    the paired difference to the baseline on the same folds (and split), which removes the
+    fold-to-fold spread that the methods share."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    head = "| method | folds | " + " | ".join(METRICS) + " | distinct /100 | train s / fold |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    head = "| method | folds | " + " | ".join(METRICS) + " | ΔCIDEr-D vs defaults | distinct /100 | train s / fold |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
-        cells = []
-        for key in (*METRICS, "distinct"):
-            vals = [r["scores"][key] for r in rs if key in r["scores"]]
-            if not vals:
-                cells.append("–")
-                continue
-            se = np.std(vals, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
-            cells.append(f"{np.mean(vals):.1f} ± {se:.1f}")
+        cells = [_mean_se([r["scores"][key] for r in rs if key in r["scores"]]) for key in METRICS]
+        base = {r["fold"]: r for r in rows if r["method"] == baseline + ("@val" if m.endswith("@val") else "")}
+        deltas = [r["scores"]["CIDEr-D"] - base[r["fold"]]["scores"]["CIDEr-D"] for r in rs if r["fold"] in base]
+        cells.append(_mean_se(deltas, signed=True))
+        cells.append(_mean_se([r["scores"]["distinct"] for r in rs]))
         secs = [r["train_seconds"] for r in rs if not math.isnan(r.get("train_seconds", float("nan")))]
-        lines.append(
-            f"| {m} | {len(rs)} | " + " | ".join(cells) + f" | {np.mean(secs):.0f} |"
-            if secs
-            else f"| {m} | {len(rs)} | " + " | ".join(cells) + " | 0 |"
-        )
+        cells.append(f"{np.mean(secs):.0f}" if secs else "0")
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_se(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "–"
+    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):{'+' if signed else ''}.1f} ± {se:.1f}"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -222,7 +234,8 @@ def main(args: argparse.Namespace) -> None:
                 name, scores, hyps, train_seconds = "retrieval (k=30)", *run_retrieval(work), 0.0
             else:
                 name, phases, decode = parse_method(spec)
-                scores, hyps, train_seconds = run_recipe(work, phases, decode, log)
+                scores, hyps, train_seconds = run_recipe(work, phases, decode, log, args.split)
+                name += "@val" if args.split == "val" else ""
             row = {
                 "method": name,
                 "fold": fold,

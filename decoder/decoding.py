@@ -17,5 +17,9 @@ class Decoding:
     beam: int = 3  # beam width; 1 is greedy
     alpha: float = 0.0  # length normalisation: score / length**alpha
     tta: bool = False  # average the features of the K crops instead of the centre crop
-    rerank: int = 0  # re-rank by CIDEr-D consensus with the captions of this many nearest training photos
+    # re-rank the beam's candidates by CIDEr-D consensus with the captions of this many nearest
+    # training photos (0: off). Cross-validated on 850 Flickr8k photos: CIDEr-D 23.0 -> 26.2, BLEU-4,
+    # METEOR and distinct captions up too; k = 10, 30, 100 and 10 candidates were within noise on
+    # the validation photos (docs/quality.md)
+    rerank: int = 30
     candidates: int = 5  # beam candidates that re-ranking chooses from

@@ -113,7 +113,8 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
     """The checkpoint's training photos: RUNDIR/neighbours.npz, or (for a run made before it was
     written) rebuilt from the run's feature store and manifest and saved there."""
     if loaded.neighbours is None:
-        run = RunDir(loaded.path.parent.parent)  # RUNDIR/checkpoints/<name>.pt
+        in_run = loaded.path.parent.name == "checkpoints"  # RUNDIR/checkpoints/<name>.pt
+        run = RunDir(loaded.path.parent.parent if in_run else loaded.path.parent)
         if run.neighbours.is_file():
             loaded.neighbours = Neighbours.load(run.neighbours)
         else:
@@ -126,10 +127,11 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
             with FeatureStore.open(store_file) as store:
                 check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
                 loaded.neighbours = Neighbours.from_store(store, read_manifest(workdir))
-            try:
-                loaded.neighbours.save(run.neighbours)
-            except OSError:  # a read-only run folder: re-ranking still works, it just rebuilds next time
-                pass
+            if in_run:  # a checkpoint file elsewhere gets no file written beside it
+                try:
+                    loaded.neighbours.save(run.neighbours)
+                except OSError:  # a read-only run folder: re-ranking still works, it rebuilds next time
+                    pass
     return loaded.neighbours
 
 

@@ -36,10 +36,17 @@ def test_an_ensemble_averages_the_members_probabilities():
     assert beam_search(one, features, 1, 2, beam=3) == beam_search(a, features, 1, 2, beam=3)
 
 
-def test_members_train_with_their_own_seed_and_caption_together(featurized, tmp_path):
-    run = tmp_path / "ens"
+@pytest.fixture(scope="module")
+def ensemble(featurized, tmp_path_factory):
+    """A 2-member ensemble run and what `train` said; tests copy it before changing it."""
+    run = tmp_path_factory.mktemp("ensemble") / "ens"
     out = run_cli("train", featurized, "--run", run, "--members", 2, "--epochs", 1, *TINY)
-    assert "member 2/2" in out.stderr
+    return run, out.stderr
+
+
+def test_members_train_with_their_own_seed_and_caption_together(featurized, ensemble):
+    run, said = ensemble
+    assert "member 2/2" in said
     members = RunDir(run).members()
     assert [m.name for m in members] == ["0", "1"]
     seeds = [torch.load(m.last, weights_only=True)["config"]["train"]["seed"] for m in members]
@@ -53,9 +60,9 @@ def test_members_train_with_their_own_seed_and_caption_together(featurized, tmp_
     assert "2 members" in out.stdout and RunDir(run).eval_json("val").is_file()
 
 
-def test_members_with_other_vocabularies_are_refused(featurized, tmp_path):
+def test_members_with_other_vocabularies_are_refused(featurized, ensemble, tmp_path):
     run = tmp_path / "ens"
-    run_cli("train", featurized, "--run", run, "--members", 2, "--epochs", 1, *TINY)
+    shutil.copytree(ensemble[0], run)
     second = RunDir(run).member(1)
     state = torch.load(second.best, weights_only=True)
     state["vocab"] = [*state["vocab"][:-1], "zebra"]
@@ -91,9 +98,9 @@ def test_a_recipe_interrupted_anywhere_ends_where_an_uninterrupted_one_does(feat
     assert Plan.load(RunDir(stopped)).done == Plan.load(RunDir(straight)).done
 
 
-def test_a_phase_added_to_an_ensemble_runs_for_every_member(featurized, tmp_path):
+def test_a_phase_added_to_an_ensemble_runs_for_every_member(featurized, ensemble, tmp_path):
     run = tmp_path / "ens"
-    run_cli("train", featurized, "--run", run, "--members", 2, "--epochs", 1, *TINY)
+    shutil.copytree(ensemble[0], run)
     run_cli("train", "--run", run, "--phase", "scst", "--epochs", 1, "--batch-size", 4)
     assert all(torch.load(m.last, weights_only=True)["phase"] == "scst" for m in RunDir(run).members())
     assert Plan.load(RunDir(run)).steps[1][0] == "scst"
