@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -295,23 +294,6 @@ class JointPhase:
         return Built(fit, config, start, f"joint phase of {run} from {cfg.init} (decoder epoch {state['epoch']})")
 
 
-def train_joint(
-    workdir: Path | None,
-    run_dir: Path | None,
-    *,
-    resume: bool,
-    max_minutes: float | None,
-    options: dict,
-    console: Console,
-    weights: str | None = None,
-) -> Outcome:
-    return train_phase(
-        JointPhase(),
-        workdir,
-        run_dir,
-        resume=resume,
-        max_minutes=max_minutes,
-        options=options,
-        console=console,
-        weights=weights,
-    )
+def train_joint(*args, **kwargs) -> Outcome:
+    """Train (or resume) the joint phase: decoder.phase.train_phase's arguments, this phase."""
+    return train_phase(JointPhase(), *args, **kwargs)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -211,23 +210,6 @@ class ScstPhase:
         return Built(fit, config, start, banner)
 
 
-def train_scst(
-    workdir: Path | None,
-    run_dir: Path | None,
-    *,
-    resume: bool,
-    max_minutes: float | None,
-    options: dict,
-    console: Console,
-    weights: str | None = None,
-) -> Outcome:
-    return train_phase(
-        ScstPhase(),
-        workdir,
-        run_dir,
-        resume=resume,
-        max_minutes=max_minutes,
-        options=options,
-        console=console,
-        weights=weights,
-    )
+def train_scst(*args, **kwargs) -> Outcome:
+    """Train (or resume) the self-critical phase: decoder.phase.train_phase's arguments, this phase."""
+    return train_phase(ScstPhase(), *args, **kwargs)

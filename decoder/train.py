@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
@@ -176,26 +175,6 @@ class DecoderPhase:
         return Built(fit, config, Position(), banner)
 
 
-def train_decoder(
-    workdir: Path | None,
-    run_dir: Path | None,
-    *,
-    resume: bool,
-    max_minutes: float | None,
-    options: dict,
-    console: Console,
-    weights: str | None = None,
-) -> Outcome:
-    """Train (or resume) the decoder phase; `options` holds the explicitly given CLI options.
-
-    Under torchrun each rank trains on its share of every global batch."""
-    return train_phase(
-        DecoderPhase(),
-        workdir,
-        run_dir,
-        resume=resume,
-        max_minutes=max_minutes,
-        options=options,
-        console=console,
-        weights=weights,
-    )
+def train_decoder(*args, **kwargs) -> Outcome:
+    """Train (or resume) the decoder phase: decoder.phase.train_phase's arguments, this phase."""
+    return train_phase(DecoderPhase(), *args, **kwargs)
