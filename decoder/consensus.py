@@ -14,6 +14,7 @@ A run keeps its training photos' features and captions in RUNDIR/neighbours.npz,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,10 @@ class Neighbours:
         order = np.take_along_axis(sims, top, 1).argsort(1)[:, ::-1]
         return np.take_along_axis(top, order, 1)
 
+    @cached_property
     def cider(self) -> CiderD:
-        """CIDEr-D with document frequencies from these training captions."""
+        """CIDEr-D with document frequencies from these training captions, counted once: a loaded
+        captioner re-ranks on every call."""
         return CiderD(self.captions)
 
     def save(self, path: Path) -> None:
@@ -85,7 +88,7 @@ class Neighbours:
 def retrieve(neighbours: Neighbours, queries: np.ndarray, k: int, cider: CiderD | None = None) -> list[str]:
     """For each query photo, the neighbour caption with the highest mean CIDEr-D against the captions
     of the *other* k-1 neighbours (a photo's own captions would vote for themselves)."""
-    cider = cider or neighbours.cider()
+    cider = cider or neighbours.cider
     out = []
     for near in neighbours.nearest(queries, k):
         captions = [c for m in near for c in neighbours.captions[m]]
@@ -108,7 +111,7 @@ def rerank(
 ) -> list[int]:
     """For each query photo, the index of its candidate with the highest CIDEr-D against the
     captions of its k nearest training photos (the first candidate wins ties)."""
-    cider = cider or neighbours.cider()
+    cider = cider or neighbours.cider
     picks = []
     for cands, near in zip(candidates, neighbours.nearest(queries, k), strict=True):
         refs = cider.references([c for m in near for c in neighbours.captions[m]])

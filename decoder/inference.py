@@ -92,7 +92,6 @@ def generate(
     vocab, sentences = loaded.vocab, []
     if rerank > 0:
         neighbours = neighbours_for(loaded)
-        cider = neighbours.cider()
     for start in range(0, features.size(0), batch_size):
         chunk = features[start : start + batch_size].float()
         if rerank <= 0:
@@ -104,7 +103,7 @@ def generate(
             loaded.model, chunk, vocab.start_id, vocab.end_id, beam=width, alpha=alpha, n_best=candidates
         )
         texts = [[" ".join(vocab.decode(seq)) for seq in cands] for cands in nbest]
-        picks = consensus_rerank(texts, neighbours, chunk.numpy(), rerank, cider)
+        picks = consensus_rerank(texts, neighbours, chunk.numpy(), rerank, neighbours.cider)
         sentences += [cands[p] for cands, p in zip(texts, picks, strict=True)]
     return sentences
 
