@@ -155,6 +155,21 @@ def synth(outdir, n, seed, size):
 )
 @click.option("--resize", default=356, help="Side the image is resized to before cropping.")
 @click.option("--crop-size", default=299, help="Side of each crop (Inception v3 needs at least 75).")
+@click.option(
+    "--maps",
+    type=click.Choice(["none", "centre", "all"]),
+    default="none",
+    is_flag=False,
+    flag_value="all",
+    help="Also keep the CNN's 8x8 feature maps, for `train --decoder attention`: of every crop (--maps, "
+    "--maps all) or of the centre crop only (--maps centre, a K-th of the disk).",
+)
+@click.option(
+    "--view",
+    type=click.Choice(["crops", "full"]),
+    default="crops",
+    help="crops: one CNN pass per crop; full: one pass over the whole resized image, crops pooled from its map.",
+)
 @user_errors
 def featurize(
     workdir,
@@ -171,6 +186,8 @@ def featurize(
     chunk_rows,
     resize,
     crop_size,
+    maps,
+    view,
 ):
     """Run the CNN over K crops of every image and store the vectors in HDF5.
 
@@ -200,6 +217,8 @@ def featurize(
         chunk_rows=chunk_rows,
         resize=resize,
         crop_size=crop_size,
+        maps=maps,
+        view=view,
     )
     console.print(f"features in {path}")
 
@@ -243,6 +262,20 @@ def featurize(
     type=click.Choice(["input", "state"]),
     default=None,
     help="Image as the LSTM's first input or its initial state [default: input].",
+)
+@click.option(
+    "--decoder",
+    type=click.Choice(["pooled", "attention"]),
+    default=None,
+    help="pooled: Show and Tell on one vector per photo; attention: Show, Attend and Tell over the "
+    "feature map's regions (needs featurize --maps) [default: pooled].",
+)
+@click.option("--attention-size", type=int, default=None, help="Attention decoder: query/key size [default: 256].")
+@click.option(
+    "--attention-penalty",
+    type=float,
+    default=None,
+    help="Attention decoder: lambda of the doubly stochastic penalty [default: 1].",
 )
 @click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
@@ -411,10 +444,17 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
     default=None,
     help="Also write an HTML page of the photos and their captions to this file.",
 )
+@click.option(
+    "--attention",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Attention decoder: write a heat-map PNG per photo (a panel per word) under this folder; "
+    "JSON output also gets each word's weights over the regions.",
+)
 @click.option("--batch-size", default=16, help="Images per forward pass.")
 @click.option("--workers", default=2, help="Processes decoding images.")
 @user_errors
-def caption(target, run_dir, checkpoint, fmt, out, report, batch_size, workers, **decoding):
+def caption(target, run_dir, checkpoint, fmt, out, report, attention, batch_size, workers, **decoding):
     """Caption every image under DIR (recursive), or one image file.
 
     Unknown words are shown as <unk>. Exit code 1 only when no image could be captioned.
@@ -431,7 +471,7 @@ def caption(target, run_dir, checkpoint, fmt, out, report, batch_size, workers, 
     if run_dir is not None and checkpoint is not None:
         raise click.UsageError("give --run or --checkpoint, not both")
     cap = Captioner.load(checkpoint or run_dir, batch_size=batch_size, workers=workers)
-    results = cap.caption_folder(target, report=report, **decoding)
+    results = cap.caption_folder(target, report=report, attention=attention, **decoding)
     if fmt == "table":
         table = Table("image", "caption")
         base = target if target.is_dir() else target.parent
@@ -453,6 +493,8 @@ def caption(target, run_dir, checkpoint, fmt, out, report, batch_size, workers, 
         click.echo(format_results(results, fmt), nl=False)
     if report is not None:
         console.print(f"report: {report}")
+    if attention is not None:
+        console.print(f"attention heat maps: {attention}/")
     failed = [r for r in results if r.error is not None]
     for r in failed:
         console.print(f"[red]skipped[/] {r.image}: {r.error}", soft_wrap=True)

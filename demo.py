@@ -5,7 +5,9 @@
 
 Each step is a real `python cli.py ...` command run in a subprocess, printed before it runs and
 timed; at the end come the captions of held-out images beside a reference, the metrics and the
-time each step took, and the path of the test split's HTML report (decoder/report.py).
+time each step took, and the path of the test split's HTML report (decoder/report.py). An
+attention decoder is trained on the centre crops' feature maps too, and its heat maps of the
+held-out images (one panel per word) are written to ROOT/heatmaps/.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from store.features import existing_attrs, store_path
 from store.rundir import RunDir
 
 console = Console()
@@ -47,12 +50,15 @@ def main() -> None:
     p.add_argument("--crop-size", type=int, default=299, help="smaller crops make a quick smoke test")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--joint-minutes", type=float, default=1.0, help="length of each joint session; 0 skips it")
+    p.add_argument("--attention-epochs", type=int, default=10, help="epochs of the attention decoder; 0 skips it")
     p.add_argument("--show", type=int, default=8, help="held-out images to caption in the table")
     a = p.parse_args()
 
-    synth, work, run = a.root / "synth", a.root / "work", a.root / "run"
-    if run.exists():
-        shutil.rmtree(run)  # a fresh run every time; the dataset and the feature store are reused
+    synth, work, run, attention_run = a.root / "synth", a.root / "work", a.root / "run", a.root / "run-attention"
+    for old in (run, attention_run):
+        shutil.rmtree(old, ignore_errors=True)  # fresh runs every time; the dataset and the feature store are reused
+    store = existing_attrs(store_path(work, a.weights)) or {}
+    rebuild = ["--overwrite"] if store and not store.get("maps_crops") else []  # a store from before maps
     t: list[tuple[str, float]] = []
     started = time.monotonic()
     step("synthetic scenes", ["synth", str(synth), "--n", str(a.n), "--seed", "0"], t)
@@ -71,6 +77,9 @@ def main() -> None:
             str(a.crop_size),
             "--resize",
             str(round(a.crop_size * 356 / 299)),
+            "--maps",
+            "centre",
+            *rebuild,
         ],
         t,
     )
@@ -125,6 +134,28 @@ def main() -> None:
                 Path(row["image"]).name, row["caption"] or f"[red]{row['error']}", references.get(row["image"], "")
             )
     console.print(table)
+    if a.attention_epochs > 0:
+        step(
+            "train attention decoder",
+            [
+                "train",
+                str(work),
+                "--run",
+                str(attention_run),
+                "--decoder",
+                "attention",
+                "--epochs",
+                str(a.attention_epochs),
+            ],
+            t,
+        )
+        heatmaps = a.root / "heatmaps"
+        shutil.rmtree(heatmaps, ignore_errors=True)
+        step(
+            "caption held-out images with attention heat maps",
+            ["caption", str(held_out), "--run", str(attention_run), "--attention", str(heatmaps)],
+            t,
+        )
     scores = json.loads(RunDir(run).eval_json("test").read_text())["scores"]
     metrics = Table(*scores, title="Test split (x100)")
     metrics.add_row(*(f"{100 * v:.1f}" for v in scores.values()))
@@ -134,6 +165,8 @@ def main() -> None:
         timing.add_row(name, f"{seconds:.1f}")
     timing.add_row("[bold]total", f"[bold]{time.monotonic() - started:.1f}")
     console.print(timing)
+    if a.attention_epochs > 0:
+        console.print(f"attention heat maps: {heatmaps}", soft_wrap=True)
     console.print(f"plots: {run / 'plots'}", soft_wrap=True)  # soft_wrap: a path on one line, to copy
     console.print(f"report (open it in a browser): {RunDir(run).eval_report('test')}", soft_wrap=True)
 

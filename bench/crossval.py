@@ -58,6 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", default=[], help="see above (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of every step")
     p.add_argument(
+        "--featurize-args",
+        default="",
+        help='options of the one `cli.py featurize` run, e.g. "--maps all" for the attention decoder',
+    )
+    p.add_argument(
         "--split",
         default="test",
         choices=["test", "val"],
@@ -221,7 +226,7 @@ def main(args: argparse.Namespace) -> None:
     base = out / "work"
     if not (base / "manifest.jsonl").exists():
         cli("prepare", args.data, "--out", str(base), log=log)
-    cli("featurize", str(base), "--resume", log=log)
+    cli("featurize", str(base), "--resume", *shlex.split(args.featurize_args), log=log)
     records = read_manifest(base)
     results_path = out / "crossval.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []

@@ -14,9 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from decoder.inference import LoadedCaptioner, Photo, encode_photos, generate
+from decoder.captioners import reads_maps
+from decoder.heatmaps import draw_attention, seen_picture, word_attention
+from decoder.inference import Inputs, LoadedCaptioner, Photo, crop_policy, encode_photos, generate
 from store.errors import UserError
-from store.images import IMAGE_EXTENSIONS
+from store.images import IMAGE_EXTENSIONS, ImageError, open_image
 
 
 @dataclass
@@ -24,6 +26,7 @@ class CaptionResult:
     image: str
     caption: str | None = None
     error: str | None = None
+    attention: list[list[float]] | None = None  # per word, its weights over the map's regions
 
 
 def find_images(target: Path) -> list[Path]:
@@ -46,16 +49,43 @@ def caption_images(
     workers: int = 2,
     rerank: int = 0,
     candidates: int = 5,
+    attention: bool = False,
 ) -> list[CaptionResult]:
+    """Every photo's caption or error; with `attention` (attention decoder only), also the weights
+    behind each word."""
+    if attention and not reads_maps(loaded.model.config):
+        raise UserError(
+            f"{loaded.path} is a pooled decoder: attention maps need a run trained with --decoder attention"
+        )
     features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)
-    sentences = (
-        generate(loaded, _stack(features, order), beam=beam, alpha=alpha, rerank=rerank, candidates=candidates)
-        if order
-        else []
-    )
+    inputs = _stack(features, order) if order else None
+    sentences = generate(loaded, inputs, beam=beam, alpha=alpha, rerank=rerank, candidates=candidates) if order else []
+    weights = word_attention(loaded.model, loaded.vocab, inputs, sentences) if attention and order else []
     by_index = dict(zip(order, sentences, strict=True))
-    return [CaptionResult(str(p), caption=by_index.get(i), error=errors.get(i)) for i, p in enumerate(paths)]
+    weights_of = dict(zip(order, weights, strict=False))
+    return [
+        CaptionResult(str(p), caption=by_index.get(i), error=errors.get(i), attention=weights_of.get(i))
+        for i, p in enumerate(paths)
+    ]
+
+
+def write_heatmaps(loaded: LoadedCaptioner, photos: list[Photo], results: list[CaptionResult], outdir: Path, base):
+    """One PNG per captioned photo under `outdir` (OUTDIR/<path under base>.png; photo<i>.png for
+    an image given in memory); the paths written."""
+    policy, full_view = crop_policy(loaded.state), Inputs.of(loaded.state).full_view
+    written = []
+    for i, (photo, result) in enumerate(zip(photos, results, strict=True)):
+        if result.attention is None:
+            continue
+        try:
+            img = photo if not isinstance(photo, Path) else open_image(photo)
+        except ImageError:  # changed since it was captioned: the caption stands, the picture is skipped
+            continue
+        name = Path(photo).relative_to(base).as_posix() + ".png" if isinstance(photo, Path) else f"photo{i}.png"
+        picture = seen_picture(img, policy, full_view)
+        written.append(draw_attention(picture, result.caption.split(), result.attention, Path(outdir) / name))
+    return written
 
 
 def _stack(features: dict, order: list[int]):
@@ -65,10 +95,13 @@ def _stack(features: dict, order: list[int]):
 
 
 def format_results(results: list[CaptionResult], fmt: str) -> str:
-    """CSV (image, caption, error) or JSON ([{"image", "caption"} or {"image", "error"}])."""
+    """CSV (image, caption, error) or JSON ([{"image", "caption"} or {"image", "error"}]; with
+    attention, "attention": one list of region weights per word of the caption)."""
     if fmt == "json":
         rows = [
-            {"image": r.image, "caption": r.caption} if r.error is None else {"image": r.image, "error": r.error}
+            {"image": r.image, "caption": r.caption, **({"attention": r.attention} if r.attention is not None else {})}
+            if r.error is None
+            else {"image": r.image, "error": r.error}
             for r in results
         ]
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"

@@ -110,10 +110,16 @@ def rerank(
     cider: CiderD | None = None,
 ) -> list[int]:
     """For each query photo, the index of its candidate with the highest CIDEr-D against the
-    captions of its k nearest training photos (the first candidate wins ties)."""
+    captions of its k nearest training photos (the first candidate wins ties). An empty caption
+    is never picked over a non-empty one: it scores 0, which every candidate scores when the
+    neighbours' words are all common ones (zero document-frequency weight)."""
     cider = cider or neighbours.cider
     picks = []
     for cands, near in zip(candidates, neighbours.nearest(queries, k), strict=True):
         refs = cider.references([c for m in near for c in neighbours.captions[m]])
-        picks.append(int(np.argmax(cider.score(cands, refs))))
+        scores = np.asarray(cider.score(cands, refs), dtype=np.float64)
+        empty = np.array([not c.strip() for c in cands])
+        if not empty.all():
+            scores[empty] = -np.inf
+        picks.append(int(np.argmax(scores)))
     return picks

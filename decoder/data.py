@@ -108,9 +108,30 @@ class StreamingFeatures:
         return torch.from_numpy(out)  # (B, D)
 
 
-def fits_in_memory(store: FeatureStore, fraction: float = 0.5) -> bool:
-    """Whether the store's features take less than `fraction` of the memory available now."""
-    need = store.num_rows * store.num_crops * store.dim * 2
+class InMemoryMaps:
+    """Every row's feature maps (N, Km, R, D) float16 in RAM, for the attention decoder."""
+
+    def __init__(self, store: FeatureStore):
+        self.array, self.maps_crops = store.read_maps(slice(None)), store.maps_crops
+
+    def get(self, rows: np.ndarray, crops: np.ndarray) -> torch.Tensor:
+        crops = np.where(crops < self.maps_crops, crops, 0)  # a centre-only store: always the centre
+        return torch.from_numpy(self.array[rows, crops].astype(np.float32))  # (B, R, D)
+
+
+class StreamingMaps:
+    """Reads each pair's map from the store (one HDF5 chunk per row): maps too large for RAM."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def get(self, rows: np.ndarray, crops: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.store.read_maps(rows, crops).astype(np.float32))  # (B, R, D)
+
+
+def fits_in_memory(store: FeatureStore, fraction: float = 0.5, maps: bool = False) -> bool:
+    """Whether the store's features (or maps) take less than `fraction` of the memory available now."""
+    need = store.num_rows * (store.maps_crops * store.regions if maps else store.num_crops) * store.dim * 2
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -120,7 +141,11 @@ def fits_in_memory(store: FeatureStore, fraction: float = 0.5) -> bool:
     return need < 2 * 1024**3
 
 
-def feature_source(store: FeatureStore, stream: bool) -> InMemoryFeatures | StreamingFeatures:
+def feature_source(store: FeatureStore, stream: bool, maps: bool = False):
+    """Where batches read features from: pooled vectors (B, D), or with `maps` regions (B, R, D);
+    from RAM when they fit in half the available memory, else from disk."""
+    if maps:
+        return StreamingMaps(store) if stream or not fits_in_memory(store, maps=True) else InMemoryMaps(store)
     return StreamingFeatures(store) if stream or not fits_in_memory(store) else InMemoryFeatures(store)
 
 

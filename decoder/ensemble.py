@@ -3,10 +3,11 @@
 At every step of greedy or beam search the members' next-word probabilities are averaged
 (the log of the mean, not the mean of the logs: a word one member rules out stays possible if the
 others like it). The ensemble exposes the captioner's `init_state` / `step` interface, its state
-being every member's (h, c) in turn, so search is written once for one decoder or many.
+being every member's state tensors in turn, so search is written once for one decoder or many.
 
-Members must share a vocabulary and a feature store (the same CNN, crops and images): their
-probabilities are over the same words, for the same features. Anything else is refused.
+Members must share a vocabulary, a feature store (the same CNN, crops and images) and a decoder
+kind (pooled or attention: they read different inputs): their probabilities are over the same
+words, for the same features. Anything else is refused.
 """
 
 from __future__ import annotations
@@ -16,29 +17,33 @@ import math
 import torch
 from torch import nn
 
-from decoder.model import Captioner
 from store.errors import UserError
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[Captioner]):
+    def __init__(self, members: list[nn.Module]):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
+        self.config = members[0].config  # what the members read (check_members_agree makes it one kind)
         self.log_members = math.log(len(members))
+        self.sizes: list[int] = []  # how many state tensors each member has, set by init_state
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every member's (h, c), each (L, B, H), in member order."""
-        return tuple(t for member in self.members for t in member.init_state(features))
+        """Every member's state tensors (batch in dim 1), in member order."""
+        states = [member.init_state(features) for member in self.members]
+        self.sizes = [len(s) for s in states]
+        return tuple(t for s in states for t in s)
 
     def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple]:
         """Log of the members' mean next-word probability; tokens (B,) -> (B, V)."""
-        logprobs, new_state = [], []
-        for i, member in enumerate(self.members):
-            lp, (h, c) = member.step(tokens, (state[2 * i], state[2 * i + 1]))
+        logprobs, new_state, at = [], [], 0
+        for member, size in zip(self.members, self.sizes, strict=True):
+            lp, member_state = member.step(tokens, state[at : at + size])
+            at += size
             logprobs.append(lp)
-            new_state += [h, c]
+            new_state += list(member_state)
         return torch.logsumexp(torch.stack(logprobs), 0) - self.log_members, tuple(new_state)
 
 
@@ -48,6 +53,11 @@ def check_members_agree(states: list[dict], paths: list) -> None:
     for state, path in zip(states[1:], paths[1:], strict=True):
         if state["vocab"] != first["vocab"]:
             raise UserError(f"{path} has another vocabulary than {paths[0]}: ensemble members must share one")
+        decoder, first_decoder = (s["config"]["model"].get("decoder", "pooled") for s in (state, first))
+        if decoder != first_decoder:
+            raise UserError(
+                f"{path} is a {decoder} decoder and {paths[0]} a {first_decoder} one: ensemble members must be one kind"
+            )
         ours = {k: v for k, v in state.get("store", {}).items() if k not in ("precision", "weights_path")}
         theirs = {k: v for k, v in first.get("store", {}).items() if k not in ("precision", "weights_path")}
         if ours != theirs:

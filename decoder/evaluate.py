@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decoder.captioners import check_store_serves, reads_maps
 from decoder.inference import LoadedCaptioner, encode_photos, generate
 from decoder.metrics import score_captions
 from store.errors import UserError
@@ -29,7 +30,8 @@ from store.rundir import RunDir
 def split_features(
     loaded: LoadedCaptioner, records: list[Record], split: str, tta: bool, workers: int = 2
 ) -> tuple[list[int], torch.Tensor]:
-    """(manifest rows, features (n, D)) of the split's images that have features."""
+    """(manifest rows, features (n, D), or regions (n, R, D) for the attention decoder) of the
+    split's images that have features."""
     train_cfg = loaded.state["config"]["train"]
     rows = [i for i, r in enumerate(records) if r.split == split]
     if "encoder" in loaded.state:  # joint phase: the cached features are from the CNN before fine-tuning
@@ -38,11 +40,15 @@ def split_features(
         return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
     with FeatureStore.open(Path(train_cfg["store"])) as store:
         check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
+        check_store_serves(store, loaded.state["config"]["model"], f"checkpoint {loaded.path}")
         done = np.asarray(store.done, dtype=bool)
         kept = [i for i in rows if done[i]]
         if not kept:
             return [], torch.zeros(0)
-        block = store.read(np.asarray(kept))  # (n, K, D) float16
+        if reads_maps(loaded.state["config"]["model"]):
+            block = store.read_maps(np.asarray(kept))  # (n, Km, R, D) float16
+        else:
+            block = store.read(np.asarray(kept))  # (n, K, D) float16
     block = block.astype(np.float32)
     return kept, torch.from_numpy(block.mean(1) if tta else block[:, 0])
 

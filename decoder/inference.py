@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from decoder.captioners import build_captioner, reads_maps
 from decoder.consensus import Neighbours
 from decoder.consensus import rerank as consensus_rerank
 from decoder.ensemble import Ensemble, check_members_agree
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig
 from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
-from featurize.pipeline import encode, prepare_for_inference
+from featurize.pipeline import encode_full_view, encode_with_maps, prepare_for_inference
 from store.checkpoints import load_checkpoint
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches
@@ -33,7 +34,7 @@ from store.text import Vocabulary
 
 @dataclass
 class LoadedCaptioner:
-    model: Captioner
+    model: torch.nn.Module  # a captioner (decoder/captioners.py) or an Ensemble of them
     vocab: Vocabulary
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
     path: Path
@@ -49,7 +50,7 @@ Photo = Path | Image.Image  # an image file, or an image already decoded (RGB, u
 
 def load_captioner(path: Path) -> LoadedCaptioner:
     state = load_checkpoint(path)
-    model = Captioner(CaptionerConfig(**state["config"]["model"]))
+    model = build_captioner(CaptionerConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
     return LoadedCaptioner(model.eval(), Vocabulary(state["vocab"]), state, Path(path))
 
@@ -85,7 +86,8 @@ def generate(
     rerank: int = 0,
     candidates: int = 5,
 ) -> list[str]:
-    """One sentence per feature row (N, D); <unk> is shown as the word "<unk>".
+    """One sentence per photo's features: (N, D) pooled, or (N, R, D) regions for the attention
+    decoder; <unk> is shown as the word "<unk>".
 
     With `rerank` k > 0, the beam's `candidates` best captions are re-scored by their CIDEr-D
     against the captions of the k training photos nearest to each photo (decoder/consensus.py)."""
@@ -103,7 +105,8 @@ def generate(
             loaded.model, chunk, vocab.start_id, vocab.end_id, beam=width, alpha=alpha, n_best=candidates
         )
         texts = [[" ".join(vocab.decode(seq)) for seq in cands] for cands in nbest]
-        picks = consensus_rerank(texts, neighbours, chunk.numpy(), rerank, neighbours.cider)
+        pooled = chunk.mean(1) if chunk.dim() == 3 else chunk  # a map's mean is its crop's pooled vector
+        picks = consensus_rerank(texts, neighbours, pooled.numpy(), rerank, neighbours.cider)
         sentences += [cands[p] for cands, p in zip(texts, picks, strict=True)]
     return sentences
 
@@ -161,11 +164,24 @@ def crop_policy(state: dict) -> CropPolicy:
     return CropPolicy.from_attrs(state.get("store", {}))
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a captioner needs of a photo: its pooled feature or its map's regions (`maps`), from a
+    pass per crop or from one pass over the whole resize (`full_view`, the store's view "full")."""
+
+    maps: bool = False
+    full_view: bool = False
+
+    @classmethod
+    def of(cls, state: dict) -> Inputs:
+        return cls(reads_maps(state["config"]["model"]), state.get("store", {}).get("view") == "full")
+
+
 class _ImageCrops(Dataset):
     """Decodes and crops images in DataLoader workers; a bad file yields its error instead."""
 
-    def __init__(self, paths: list[Photo], policy: CropPolicy, tta: bool):
-        self.paths, self.policy, self.tta = paths, policy, tta
+    def __init__(self, paths: list[Photo], policy: CropPolicy, tta: bool, full_view: bool = False):
+        self.paths, self.policy, self.tta, self.full_view = paths, policy, tta, full_view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -176,6 +192,8 @@ class _ImageCrops(Dataset):
             img = photo if isinstance(photo, Image.Image) else open_image(photo)
         except ImageError as e:
             return i, None, str(e)
+        if self.full_view:
+            return i, self.policy.resized(img)[None], None  # (1, 3, R, R) uint8
         crops = self.policy.crops(img, 0) if self.tta else self.policy.center(img)[None]
         return i, crops, None  # crops (K or 1, 3, S, S) uint8
 
@@ -188,14 +206,19 @@ def encode_images(
     batch_size: int = 16,
     workers: int = 2,
     precision: str = "fp32",
+    inputs: Inputs = Inputs(),
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-    """({index: feature (D,)}, {index: error}) for each image path; TTA averages the K crops.
+    """({index: feature (D,), or regions (R, D) with inputs.maps}, {index: error}) for each image
+    path; TTA averages the K crops (their maps too: each crop's region r is the same grid cell).
 
     `encoder` should come from inference_encoder; `batch_size` images are decoded at a time, and
     their crops go through featurize's encode (8 crops per CNN batch, as featurize measured best).
     """
     loader = DataLoader(
-        _ImageCrops(paths, policy, tta), batch_size=batch_size, num_workers=workers, collate_fn=lambda items: items
+        _ImageCrops(paths, policy, tta, inputs.full_view),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=lambda items: items,
     )
     features, errors = {}, {}
     for items in loader:
@@ -203,11 +226,23 @@ def encode_images(
         errors.update({i: err for i, _, err in items if err is not None})
         if not good:
             continue
-        counts = [c.size(0) for _, c in good]
-        out = encode(encoder, torch.cat([c for _, c in good]), batch_size=8, precision=precision)  # (sum K, D)
-        for (i, _), f in zip(good, out.split(counts), strict=True):
-            features[i] = f.mean(0)
+        images = torch.cat([c for _, c in good])  # (sum K, 3, S, S), or (n, 3, R, R) for a full view
+        for (i, _), f in zip(good, _encode(encoder, images, policy, tta, precision, inputs), strict=True):
+            features[i] = f
     return features, errors
+
+
+def _encode(encoder, images: torch.Tensor, policy: CropPolicy, tta: bool, precision: str, inputs: Inputs):
+    """One input per photo: (n, D) pooled or (n, R, D) regions, averaged over the crops with TTA."""
+    if inputs.full_view:
+        boxes = [policy.boxes(0) if tta else [policy.center_box()]] * images.size(0)
+        pooled, maps = encode_full_view(encoder, images, torch.tensor(boxes), batch_size=8, precision=precision)
+        return maps if inputs.maps else pooled.mean(1)
+    per_photo = policy.num_crops if tta else 1
+    keep = torch.ones(images.size(0), dtype=torch.bool) if inputs.maps else None
+    pooled, maps = encode_with_maps(encoder, images, batch_size=8, precision=precision, keep=keep)
+    out = maps if inputs.maps else pooled  # (n*K, ...) crops in photo order
+    return out.reshape(images.size(0) // per_photo, per_photo, *out.shape[1:]).mean(1)
 
 
 def encode_photos(
@@ -228,4 +263,5 @@ def encode_photos(
         batch_size=batch_size,
         workers=workers,
         precision=inference_precision(loaded.state),
+        inputs=Inputs.of(loaded.state),
     )

@@ -27,11 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from decoder import data as D
+from decoder.captioners import build_captioner, reads_maps
 from decoder.inference import build_encoder
 from decoder.loop import Fit, Outcome, Position
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig
 from decoder.phase import Built, train_phase
 from featurize.crops import CropPolicy, to_float
+from featurize.encoder import regions
 from featurize.pipeline import bf16_is_fast
 from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
@@ -62,11 +64,13 @@ class JointConfig:
 
 
 class JointNet(nn.Module):
-    """CNN + captioner. Inputs are uint8 crops (B, 3, S, S), or already-encoded features (B, D)."""
+    """CNN + captioner. Inputs are uint8 crops (B, 3, S, S), or already-encoded features: (B, D), or
+    for the attention decoder the CNN's map as regions (B, R, D)."""
 
-    def __init__(self, encoder: nn.Module, captioner: Captioner, unfreeze: str, autocast_dtype: torch.dtype | None):
+    def __init__(self, encoder: nn.Module, captioner: nn.Module, unfreeze: str, autocast_dtype: torch.dtype | None):
         super().__init__()
         self.encoder, self.captioner, self.autocast_dtype = encoder, captioner, autocast_dtype
+        self.maps = reads_maps(captioner.config)
         names = [name for name, _ in encoder.named_children()]
         if unfreeze not in names:
             raise UserError(f"--unfreeze {unfreeze}: not a block of the CNN (one of {', '.join(names)})")
@@ -87,10 +91,12 @@ class JointNet(nn.Module):
         with torch.autocast(
             x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
         ):
+            if self.maps:
+                return regions(self.encoder.feature_maps(x)).float()  # (B, R, D)
             return self.encoder(x).float()  # (B, D)
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        features = inputs if inputs.dim() == 2 else self.encode(inputs)
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor):
+        features = self.encode(inputs) if inputs.dtype == torch.uint8 else inputs
         return self.captioner(features, captions)
 
 
@@ -245,6 +251,11 @@ class JointPhase:
         records = read_manifest(Path(cfg.workdir))
         with FeatureStore.open(Path(cfg.store)) as store:
             check_store_matches(store, state["store"], "the checkpoint")
+            if store.attrs.get("view") == "full":
+                raise UserError(
+                    f"{cfg.store} has --view full features; the joint phase trains on crops: "
+                    "start it from a run on a --view crops store"
+                )
             usable = np.asarray(store.done, dtype=bool)
             identity = store_identity(store)
         vocab = Vocabulary(state["vocab"])
@@ -252,7 +263,7 @@ class JointPhase:
         train_pairs = D.build_pairs(records, vocab, "train", usable)
         val_pairs = D.build_pairs(records, vocab, "val", usable)
 
-        captioner = Captioner(model_cfg)
+        captioner = build_captioner(model_cfg)
         captioner.load_state_dict(state["model"])
         encoder = build_encoder(
             {"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})}

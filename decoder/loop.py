@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from decoder.model import caption_loss
+from decoder.model import caption_loss, split_output
 from decoder.stopping import StopRequest
 from store.checkpoints import save_checkpoint
 from store.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
@@ -159,10 +159,12 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
 
 
 def teacher_forcing(net: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float, float]:
-    """Mean cross-entropy of the batch's next words, their count, and the loss to log."""
+    """Mean cross-entropy of the batch's next words (plus the attention decoder's penalty), their
+    count, and the cross-entropy to log (comparable across decoders)."""
     inputs, captions = batch
-    loss = caption_loss(net(inputs, captions), captions)
-    return loss, float((captions[:, 1:] != 0).sum()), loss.item()
+    logits, penalty = split_output(net(inputs, captions))
+    loss = caption_loss(logits, captions)
+    return loss + penalty, float((captions[:, 1:] != 0).sum()), loss.item()
 
 
 def _loss(objective, net: torch.nn.Module, batch, ctx: Dist) -> tuple[torch.Tensor, float]:
@@ -199,7 +201,7 @@ def evaluate_loss(net: torch.nn.Module, batches: Iterator[Batch]) -> float:
     total, words = 0.0, 0
     for inputs, captions in batches:
         n = int((captions[:, 1:] != 0).sum())
-        total += caption_loss(net(inputs, captions), captions).item() * n
+        total += caption_loss(split_output(net(inputs, captions))[0], captions).item() * n
         words += n
     return total / max(words, 1)
 

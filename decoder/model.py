@@ -32,6 +32,9 @@ class CaptionerConfig:
     num_layers: int = 1
     dropout: float = 0.2
     image_as: str = "input"  # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
+    decoder: str = "pooled"  # "pooled": this module's captioner; "attention": decoder/attention.py's
+    attention_size: int = 256  # attention decoder: size of the query/key space
+    attention_penalty: float = 1.0  # attention decoder: lambda of the doubly stochastic penalty
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +94,11 @@ class Captioner(nn.Module):
         """Log-probabilities of the next word given the previous one; tokens (B,) -> (B, V)."""
         hidden, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return torch.log_softmax(self.head(hidden[:, 0]), dim=-1), state
+
+
+def split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(logits, penalty) of a captioner's forward: the attention decoder adds a penalty, this one none."""
+    return out if isinstance(out, tuple) else (out, 0.0)
 
 
 def caption_loss(logits: torch.Tensor, captions: torch.Tensor, pad_id: int = 0) -> torch.Tensor:

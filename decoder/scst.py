@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
+from decoder.captioners import build_captioner, check_store_serves, reads_maps
 from decoder.cider import CiderD, References
 from decoder.loop import Fit, Outcome, Position
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig
 from decoder.phase import Built, train_phase
 from decoder.train import open_training_store, val_cider_score
 from store.checkpoints import load_checkpoint
@@ -64,7 +65,7 @@ class SampleNet(nn.Module):
     Returns tokens (B*S, T), the log-probability of each sampled token (B*S, T) and a mask of the
     tokens that count (up to and including each caption's <end>)."""
 
-    def __init__(self, captioner: Captioner, start_id: int, end_id: int):
+    def __init__(self, captioner: nn.Module, start_id: int, end_id: int):
         super().__init__()
         self.captioner, self.start_id, self.end_id = captioner, start_id, end_id
 
@@ -115,10 +116,10 @@ class ScstData:
     """The photos of the train split in an order fixed by (seed, epoch), one stored crop each; the
     validation batches are the decoder phase's (teacher-forced loss on the centre crop)."""
 
-    def __init__(self, store, rows: np.ndarray, val: D.Pairs, cfg: ScstConfig, ctx: Dist):
+    def __init__(self, store, rows: np.ndarray, val: D.Pairs, cfg: ScstConfig, ctx: Dist, maps: bool):
         self.store, self.cfg, self.ctx, self.val = store, cfg, ctx, val
         self.images = D.Pairs(rows, [[] for _ in rows])
-        self.source = D.feature_source(store, cfg.stream)
+        self.source = D.feature_source(store, cfg.stream, maps)
         self.num_batches = D.num_batches(len(rows), cfg.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int):
@@ -175,7 +176,8 @@ class ScstPhase:
         cider = CiderD(records[i].captions for i in rows)
         refs = {int(i): cider.references(records[i].captions) for i in rows}
 
-        model = Captioner(model_cfg)
+        check_store_serves(store, model_cfg, f"checkpoint {cfg.init}")
+        model = build_captioner(model_cfg)
         model.load_state_dict(state["model"])
         net = SampleNet(model, vocab.start_id, vocab.end_id)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -188,7 +190,7 @@ class ScstPhase:
             run_dir=run.path,
             net=model,
             optimizer=optimizer,
-            data=ScstData(store, rows, val_pairs, cfg, ctx),
+            data=ScstData(store, rows, val_pairs, cfg, ctx, reads_maps(model_cfg)),
             epochs=cfg.epochs,
             grad_clip=cfg.grad_clip,
             checkpoint_fields=lambda: {

@@ -3,24 +3,29 @@
 Beam search keeps, per image, the B best partial captions by summed log-probability; finished
 captions (those that emitted <end>) are ranked by that sum divided by length**alpha, so alpha=0
 is the plain sum and alpha=1 the mean log-probability per word (length normalisation).
+
+A caption has at least one word: <end> is ruled out at the first step. An undertrained decoder
+otherwise finds the empty caption likelier than any sentence, and beam search, which stops once
+no live beam can beat its best finished caption, then returns nothing else.
 """
 
 from __future__ import annotations
 
 import torch
-
-from decoder.model import Captioner
+from torch import nn
 
 
 @torch.inference_mode()
-def greedy(model: Captioner, features: torch.Tensor, start_id: int, end_id: int, max_len: int = 30) -> list[list[int]]:
+def greedy(model: nn.Module, features: torch.Tensor, start_id: int, end_id: int, max_len: int = 30) -> list[list[int]]:
     """The most likely next word at each step; features (B, D) -> token ids without specials."""
     state = model.init_state(features)
     tokens = torch.full((features.size(0),), start_id, dtype=torch.long)
     out = torch.zeros(features.size(0), 0, dtype=torch.long)
     finished = torch.zeros(features.size(0), dtype=torch.bool)
-    for _ in range(max_len):
+    for t in range(max_len):
         logprobs, state = model.step(tokens, state)  # (B, V)
+        if t == 0:
+            logprobs[:, end_id] = float("-inf")
         tokens = logprobs.argmax(-1)
         out = torch.cat([out, tokens[:, None]], dim=1)
         finished |= tokens == end_id
@@ -31,7 +36,7 @@ def greedy(model: Captioner, features: torch.Tensor, start_id: int, end_id: int,
 
 @torch.inference_mode()
 def beam_search(
-    model: Captioner,
+    model: nn.Module,
     features: torch.Tensor,
     start_id: int,
     end_id: int,
@@ -47,7 +52,7 @@ def beam_search(
 
 @torch.inference_mode()
 def beam_candidates(
-    model: Captioner,
+    model: nn.Module,
     features: torch.Tensor,
     start_id: int,
     end_id: int,
@@ -69,8 +74,10 @@ def beam_candidates(
     searches = [_Search(beam) for _ in range(n)]
     live = list(range(n))  # images still searching, in the order of the batch rows
     tokens = torch.full((n * beam,), start_id, dtype=torch.long)
-    for _ in range(max_len):
+    for t in range(max_len):
         logprobs, state = model.step(tokens, state)  # (live * beam, V)
+        if t == 0:
+            logprobs[:, end_id] = float("-inf")
         vocab = logprobs.size(1)
         scores = torch.stack([searches[i].scores for i in live]).reshape(-1)  # (live * beam,)
         total = (scores[:, None] + logprobs).reshape(len(live), beam * vocab)

@@ -19,9 +19,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder import data as D
+from decoder.captioners import build_captioner, check_store_serves, reads_maps
 from decoder.consensus import Neighbours
 from decoder.loop import Fit, Outcome, Position
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig
 from decoder.phase import Built, train_phase
 from store.distributed import SINGLE, Dist
 from store.errors import UserError
@@ -59,9 +60,17 @@ TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 class FeatureData:
     """The decoder phase's PhaseData: batches of cached features."""
 
-    def __init__(self, store: FeatureStore, train: D.Pairs, val: D.Pairs, cfg: TrainConfig, ctx: Dist = SINGLE):
+    def __init__(
+        self,
+        store: FeatureStore,
+        train: D.Pairs,
+        val: D.Pairs,
+        cfg: TrainConfig,
+        ctx: Dist = SINGLE,
+        maps: bool = False,
+    ):
         self.store, self.train, self.val, self.cfg, self.ctx = store, train, val, cfg, ctx
-        self.source = D.feature_source(store, cfg.stream)
+        self.source = D.feature_source(store, cfg.stream, maps)
         self.num_batches = D.num_batches(len(train), cfg.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int):
@@ -72,7 +81,14 @@ class FeatureData:
         return D.eval_batches(self.val, self.source)
 
 
-def val_cider_score(model: Captioner, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
+def centre_inputs(store: FeatureStore, rows: list[int], maps: bool) -> torch.Tensor:
+    """The centre crop's pooled features (n, D), or with `maps` its regions (n, R, D), as float32."""
+    if maps:
+        return torch.from_numpy(store.read_maps(np.asarray(rows), np.zeros(len(rows), np.int64)).astype(np.float32))
+    return torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))
+
+
+def val_cider_score(model, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
     """A function giving minus the validation CIDEr-D of greedy captions (lower is better, like a loss).
 
     Greedy decoding on the centre crop keeps it cheap enough to run every epoch, and it draws no
@@ -82,7 +98,7 @@ def val_cider_score(model: Captioner, vocab: Vocabulary, store: FeatureStore, re
     from decoder.search import greedy
 
     rows = [i for i, r in enumerate(records) if r.split == "val" and usable[i]]
-    features = torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))  # (n, D)
+    features = centre_inputs(store, rows, reads_maps(model.config))  # (n, D) or (n, R, D)
     references = {records[i].id: records[i].captions for i in rows}
 
     def score(_val_loss: float) -> float:
@@ -142,7 +158,9 @@ class DecoderPhase:
                 "with features; need both"
             )
 
-        model = Captioner(model_cfg)
+        check_store_serves(store, model_cfg, f"run {run}")
+        maps = reads_maps(model_cfg)
+        model = build_captioner(model_cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         if state is not None:
             model.load_state_dict(state["model"])
@@ -155,7 +173,7 @@ class DecoderPhase:
             run_dir=run.path,
             net=model,
             optimizer=optimizer,
-            data=FeatureData(store, train_pairs, val_pairs, cfg, ctx),
+            data=FeatureData(store, train_pairs, val_pairs, cfg, ctx, maps),
             epochs=cfg.epochs,
             grad_clip=cfg.grad_clip,
             checkpoint_fields=lambda: {
@@ -170,6 +188,7 @@ class DecoderPhase:
         )
         banner = (
             f"run {run}: {len(train_pairs)} train / {len(val_pairs)} val captions, vocabulary {len(vocab)}, "
+            f"{model_cfg.decoder} decoder{f' over {store.regions} regions' if maps else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
         )
         return Built(fit, config, Position(), banner)

@@ -217,6 +217,11 @@ class InceptionEncoder(Inception3):
         self.set_pooling(state["pooling"])
 
     def forward(self, x: Tensor) -> Tensor:
+        return pool(self.feature_maps(x))  # (B, 2048)
+
+    def feature_maps(self, x: Tensor) -> Tensor:
+        """Mixed_7c's output (B, 2048, h, w): 8x8 for a 299 input, 9x9 for 356. The pooled feature is
+        its mean; attention (decoder/attention.py) looks at its h*w regions instead."""
         x = x * 2 - 1  # (B, 3, 299, 299) in [-1, 1], what every weight source was trained on
         x = self.Conv2d_1a_3x3(x)  # (B, 32, 149, 149)
         x = self.Conv2d_2a_3x3(x)  # (B, 32, 147, 147)
@@ -229,8 +234,25 @@ class InceptionEncoder(Inception3):
         x = self.Mixed_6a(x)  # (B, 768, 17, 17)
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
         x = self.Mixed_7a(x)  # (B, 1280, 8, 8)
-        x = self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
-        return torch.flatten(self.avgpool(x), 1)  # (B, 2048)
+        return self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
+
+
+def map_side(size: int) -> int:
+    """The side of Mixed_7c's map for a square input of `size` pixels (8 for 299, 9 for 356): the
+    unpadded stride-2 convolutions and pools of the stem and the reduction blocks."""
+    for shrink in ("s2", "-2", "p2", "-2", "p2", "p2", "p2"):
+        size = size - 2 if shrink == "-2" else (size - 3) // 2 + 1
+    return size
+
+
+def pool(maps: Tensor) -> Tensor:
+    """(B, D, h, w) maps -> (B, D) pooled feature, the arithmetic of torchvision's avgpool."""
+    return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(maps, 1), 1)
+
+
+def regions(maps: Tensor) -> Tensor:
+    """(B, D, h, w) maps -> (B, h*w, D): one row per region, row-major over the grid."""
+    return maps.flatten(2).transpose(1, 2)
 
 
 def build_inception(weights: str = "google2015") -> InceptionEncoder:

@@ -4,6 +4,7 @@
     cap("photo.jpg")                         # -> "a dog runs through the grass"
     cap([pil_image, "b.png"], beam=5)        # PIL images, paths or a mix -> a list of captions
     cap.caption_folder("photos/")            # -> [CaptionResult(image, caption, error)], errors included
+    cap.caption_folder("photos/", attention="heat/")  # attention decoder: + weights per word, PNGs
     cap.evaluate("test", report=True)        # scores; RUNDIR/eval/test.{json,html}, test_captions.csv
 
 `caption` and `evaluate` on the command line are this class used once, so a photo gets the same
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from decoder.captioning import CaptionResult, caption_images, find_images
+from decoder.captioning import CaptionResult, caption_images, find_images, write_heatmaps
 from decoder.decoding import Decoding
 from decoder.ensemble import Ensemble
 from decoder.evaluate import evaluate_run
@@ -93,16 +94,25 @@ class Captioner:
         return captions[0] if single else captions
 
     def caption_folder(
-        self, folder: str | os.PathLike, *, report: str | os.PathLike | None = None, **decoding
+        self,
+        folder: str | os.PathLike,
+        *,
+        report: str | os.PathLike | None = None,
+        attention: str | os.PathLike | None = None,
+        **decoding,
     ) -> list[CaptionResult]:
         """Every image under `folder` (recursive, sorted), or `folder` itself when it is a file;
-        unreadable files come back with their error. With `report`, also writes the HTML page there."""
+        unreadable files come back with their error. With `report`, also writes the HTML page there.
+        With `attention` (a run of the attention decoder), each result also holds the weights behind
+        each word, and a heat-map PNG per photo is written under that folder."""
         target = Path(folder)
         paths = find_images(target)
         if not paths:
             raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
         settings = self._settings(decoding)
-        results = self._caption(paths, settings)
+        results = self._caption(paths, settings, attention=attention is not None)
+        if attention is not None:
+            write_heatmaps(self.loaded, paths, results, Path(attention), target if target.is_dir() else target.parent)
         if report is not None:
             details = {"model": self.describe(), "photos": str(target), "decoding": decoding_text(asdict(settings))}
             base = target if target.is_dir() else target.parent
@@ -124,10 +134,12 @@ class Captioner:
     def _settings(self, overrides: dict) -> Decoding:
         return replace(self.decoding, **overrides)
 
-    def _caption(self, photos: list[Photo], settings: Decoding) -> list[CaptionResult]:
+    def _caption(self, photos: list[Photo], settings: Decoding, attention: bool = False) -> list[CaptionResult]:
         # One batch gains nothing from worker processes but their start-up time.
         workers = self.workers if len(photos) > self.batch_size else 0
-        return caption_images(self.loaded, photos, batch_size=self.batch_size, workers=workers, **asdict(settings))
+        return caption_images(
+            self.loaded, photos, batch_size=self.batch_size, workers=workers, attention=attention, **asdict(settings)
+        )
 
 
 def _photo(image: ImageInput) -> Photo:

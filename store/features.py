@@ -7,11 +7,19 @@
       flipped   bool    (N, K)      crops that were mirrored (all False unless --flip)
       done      bool    (N,)        the row's features are computed
       failed    utf-8   (N,)        why the image could not be read ("" when it could)
+      maps      float16 (N, Km, R, D)  only with `featurize --maps`: the CNN's last feature map of
+                                    the first Km crops (Km = 1: the centre crop), R regions each
+                                    (8x8 = 64 for a 299 crop), chunked one row per HDF5 chunk
       attrs: schema_version, encoder, weights, weights_sha256, resize, crop_size, num_crops,
-             seed, images_sha256, flip, precision, chunk_rows, num_rows, dim (IDENTITY_KEYS:
+             seed, images_sha256, view, flip, precision, chunk_rows, num_rows, dim, maps_crops,
+             map_size (IDENTITY_KEYS:
              a store that differs in one of them is another store), and provenance:
              manifest_sha256, weights_path, batch_size, torch, torchvision, h5py, numpy, python
              (stores from before images_sha256 are identified by manifest_sha256 instead)
+
+Schema 2 added `maps`, `maps_crops` (0: no maps), `map_size` (the grid's side) and `view`
+("crops": one CNN pass per crop; "full": one pass over the whole resized image, crops pooled from
+its map). A schema 1 store reads as a schema 2 store without maps, of view "crops".
 
 How a store is built, so that `kill -9` at any moment loses at most the chunk in flight:
 
@@ -54,11 +62,24 @@ import numpy as np
 from store.errors import UserError
 from store.files import atomic_write_bytes, commit, safe_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+# What attributes added by a later schema mean in a store written before them.
+SCHEMA1_DEFAULTS = {"schema_version": SCHEMA_VERSION, "view": "crops", "maps_crops": 0, "map_size": 0}
 FEATURES_DIR = "features"
 # What the features mean: a run records these of the store it trained on, and refuses another store
 # that differs (another CNN, other crops, other images).
-FEATURE_IDENTITY = ("encoder", "weights", "weights_sha256", "num_crops", "resize", "crop_size", "seed", "images_sha256")
+FEATURE_IDENTITY = (
+    "encoder",
+    "weights",
+    "weights_sha256",
+    "num_crops",
+    "resize",
+    "crop_size",
+    "seed",
+    "images_sha256",
+    "view",
+)
 # What `featurize --resume` requires of an existing store: the meaning and also how the features were
 # computed and laid out. A store disagreeing on any of them is another store.
 IDENTITY_KEYS = (
@@ -69,6 +90,8 @@ IDENTITY_KEYS = (
     "chunk_rows",
     "num_rows",
     "dim",
+    "maps_crops",
+    "map_size",
 )
 
 
@@ -148,8 +171,10 @@ class FeatureStore:
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = Path(path)
         self._file = file
-        self.attrs: dict = {k: _plain(v) for k, v in file.attrs.items()}
+        self.attrs: dict = upgraded({k: _plain(v) for k, v in file.attrs.items()})
         self.num_rows, self.num_crops, self.dim = file["features"].shape
+        self.maps_crops = int(self.attrs["maps_crops"])  # 0: no maps
+        self.regions = int(self.attrs["map_size"]) ** 2 if self.maps_crops else 0
         self.chunk_rows = int(self.attrs["chunk_rows"])
         self.paths: list[str] = [p.decode("utf-8") for p in file["paths"][:]]
         self.done: np.ndarray = file["done"][:]  # (N,) bool
@@ -174,10 +199,10 @@ class FeatureStore:
                 f"{path} is not a readable HDF5 file ({e}): rebuild it with featurize --overwrite"
             ) from None
         version = file.attrs.get("schema_version")
-        if version != SCHEMA_VERSION or "features" not in file:
+        if version not in READABLE_SCHEMAS or "features" not in file:
             file.close()
             raise UserError(
-                f"{path} has store schema {version}, this version reads {SCHEMA_VERSION}: "
+                f"{path} has store schema {version}, this version reads {', '.join(map(str, READABLE_SCHEMAS))}: "
                 "rebuild it with featurize --overwrite"
             )
         return cls(path, file)
@@ -192,6 +217,24 @@ class FeatureStore:
         if wanted.size and (wanted[0] < 0 or wanted[-1] >= self.num_rows):
             raise IndexError(f"rows outside 0..{self.num_rows - 1}")
         return ds[wanted][inverse.reshape(-1)]
+
+    def read_maps(self, rows: np.ndarray | slice, crops: np.ndarray | None = None) -> np.ndarray:
+        """float16 maps of `rows`: (n, Km, R, D), or with `crops` (n,) the (n, R, D) of one crop per
+        row. A crop index past the stored maps (a centre-only store) reads the centre crop's map."""
+        if not self.maps_crops:
+            raise UserError(f"{self.path} has no feature maps: run featurize --maps --overwrite")
+        ds = self._file["maps"]
+        if isinstance(rows, slice):
+            block = ds[rows]
+            rows = np.arange(self.num_rows)[rows]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            wanted, inverse = np.unique(rows, return_inverse=True)  # HDF5 wants increasing indices
+            block = ds[wanted][inverse.reshape(-1)]
+        if crops is None:
+            return block
+        crops = np.where(np.asarray(crops) < self.maps_crops, crops, 0)
+        return block[np.arange(len(rows)), crops]
 
     def close(self) -> None:
         self._file.close()
@@ -225,6 +268,7 @@ class StoreWriter:
     ) -> None:
         self.path = Path(path)
         self.attrs = {"schema_version": SCHEMA_VERSION, **attrs}
+        self.maps_crops, self.regions = int(self.attrs["maps_crops"]), int(self.attrs["map_size"]) ** 2
         self.paths = list(paths)
         self.num_rows = len(self.paths)
         self.chunk_rows = int(self.attrs["chunk_rows"])
@@ -251,7 +295,7 @@ class StoreWriter:
             if a is not None
         ]
         for where, attrs in existing:
-            diffs = attr_differences(attrs, self.attrs)
+            diffs = attr_differences(upgraded(attrs), self.attrs)
             if diffs:
                 raise UserError(
                     f"{where} was built with other settings ({'; '.join(diffs)}): pass --overwrite to rebuild it"
@@ -284,11 +328,20 @@ class StoreWriter:
         return chunks
 
     def write_chunk(
-        self, chunk: Chunk, features: np.ndarray, boxes: np.ndarray, flipped: np.ndarray, failed: list[str]
+        self,
+        chunk: Chunk,
+        features: np.ndarray,
+        boxes: np.ndarray,
+        flipped: np.ndarray,
+        failed: list[str],
+        maps: np.ndarray | None = None,
     ) -> None:
-        """Record one chunk atomically: features float16 (n, K, D) for its rows (zeros where failed)."""
+        """Record one chunk atomically: features float16 (n, K, D) for its rows (zeros where failed),
+        and in a store with maps their maps (n, Km, R, D)."""
         n = chunk.rows.size
         assert features.shape[0] == boxes.shape[0] == flipped.shape[0] == len(failed) == n
+        assert (maps is None) == (self.maps_crops == 0), "maps go with, and only with, a store of maps"
+        extra = {} if maps is None else {"maps": maps.astype(np.float16)}
         if not (self.parts / "meta.json").is_file():  # the run's attributes come before its shards
             self.parts.mkdir(exist_ok=True)
             atomic_write_bytes(self.parts / "meta.json", json.dumps(self.attrs, sort_keys=True, indent=1).encode())
@@ -301,6 +354,7 @@ class StoreWriter:
                 boxes=boxes.astype(np.int32),
                 flipped=flipped.astype(bool),
                 failed=np.asarray(failed, dtype=str).reshape(n),
+                **extra,
             )
 
     def finish(self) -> Path:
@@ -332,10 +386,14 @@ class StoreWriter:
         flipped = out.create_dataset("flipped", (n, k), dtype=bool)
         done = out.create_dataset("done", (n,), dtype=bool)
         failed = out.create_dataset("failed", (n,), dtype=text)
+        km, r = self.maps_crops, self.regions
+        names = ("features", "boxes", "flipped", "done", "failed", *(("maps",) if km else ()))
+        if km:
+            maps = out.create_dataset("maps", (n, km, r, d), dtype=np.float16, chunks=(1, km, r, d), fillvalue=0)
         for index in range(-(-n // c)):
             rows = slice(index * c, min(n, (index + 1) * c))
             if old is not None:  # what the previous store already had
-                block = {name: old[name][rows] for name in ("features", "boxes", "flipped", "done", "failed")}
+                block = {name: old[name][rows] for name in names}
             else:
                 size = rows.stop - rows.start
                 block = {
@@ -344,6 +402,7 @@ class StoreWriter:
                     "flipped": np.zeros((size, k), bool),
                     "done": np.zeros(size, bool),
                     "failed": np.full(size, b"", object),
+                    **({"maps": np.zeros((size, km, r, d), np.float16)} if km else {}),
                 }
             if index in shards:
                 _overlay(block, shards[index], rows.start)
@@ -352,6 +411,8 @@ class StoreWriter:
             flipped[rows] = block["flipped"]
             done[rows] = block["done"]
             failed[rows] = block["failed"]
+            if km:
+                maps[rows] = block["maps"]
         for key, value in self.attrs.items():
             out.attrs[key] = (
                 str(value) if isinstance(value, str) else value
@@ -393,6 +454,13 @@ def _without(keys: tuple[str, ...], key: str) -> tuple[str, ...]:
     return tuple(k for k in keys if k != key)
 
 
+def upgraded(attrs: dict) -> dict:
+    """A store's attributes in the current schema: a schema 1 store is one without maps."""
+    if attrs.get("schema_version") == 1:
+        return {**attrs, **SCHEMA1_DEFAULTS}
+    return attrs
+
+
 def existing_attrs(path: Path) -> dict | None:
     """The attributes of the store at `path`, or of its unfinished run, if there is one."""
     return _h5_attrs(Path(path)) or _parts_attrs(_parts_dir(Path(path)))
@@ -405,6 +473,8 @@ def _overlay(block: dict[str, np.ndarray], shard: Path, start: int) -> None:
             block["features"][at] = z["features"]
             block["boxes"][at] = z["boxes"]
             block["flipped"][at] = z["flipped"]
+            if "maps" in block:
+                block["maps"][at] = z["maps"]
             reasons = z["failed"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         shard.unlink(missing_ok=True)

@@ -42,6 +42,12 @@ def test_rerank_prefers_the_candidate_the_neighbours_said():
     assert rerank(candidates, n, np.array([[1.0, 0.0], [0.0, 1.0]]), k=2) == [1, 0]
 
 
+def test_rerank_never_prefers_an_empty_caption():
+    n = toy_neighbours()
+    # "the sky" shares no n-gram with the neighbours: it scores 0, like the empty caption before it
+    assert rerank([["", "the sky"], ["", ""]], n, np.array([[1.0, 0.0], [0.0, 1.0]]), k=2) == [1, 0]
+
+
 def test_neighbours_survive_a_round_trip(tmp_path):
     n = toy_neighbours()
     n.save(tmp_path / "n.npz")

@@ -27,6 +27,8 @@ def test_demo_runs_end_to_end(tmp_path):
         "0.02",
         "--show",
         "3",
+        "--attention-epochs",
+        "2",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -37,9 +39,11 @@ def test_demo_runs_end_to_end(tmp_path):
         "Time per step",
         "joint session 2 (--resume)",
         "caption held-out images",
+        "attention heat maps",
     ):
         assert expected in out
     assert (RunDir(tmp_path / "run").plots / "epoch_loss.png").exists()
     assert (RunDir(tmp_path / "run").eval_json("test")).exists()
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3  # one per held-out photo
     report = RunDir(tmp_path / "run").eval_report("test")  # the demo ends with the report's path
     assert out.strip().splitlines()[-1].endswith(str(report)) and report.is_file()

@@ -46,6 +46,7 @@ def test_distributed_featurize_equals_single_process(featurized, tmp_path):
         for name in ("manifest.jsonl", "vocab.json"):
             (work / name).write_bytes((featurized / name).read_bytes())
     args = ["--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80, "--chunk-rows", 4]
+    args += ["--precision", "fp32"]  # auto would time each run: both must compute alike
     run_cli("featurize", single, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
     torchrun("featurize", dist, *args)
     with FeatureStore.open(find_store(single)) as a, FeatureStore.open(find_store(dist)) as b:

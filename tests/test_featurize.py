@@ -24,7 +24,7 @@ from rich.console import Console
 from featurize import pipeline
 from featurize.crops import CropPolicy
 from featurize.encoder import build_inception
-from featurize.pipeline import encode, featurize, prepare_for_inference, resolve_precision
+from featurize.pipeline import encode, featurize, prepare_for_inference, resolve_precision, timed_precision
 from store.errors import UserError
 from store.features import FeatureStore
 from store.manifest import Record, write_manifest
@@ -61,7 +61,15 @@ def make_dataset(folder: Path, n: int, bad: tuple[int, ...] = ()) -> Path:
 
 def read_store(path: Path) -> dict:
     with FeatureStore.open(path) as s:
-        return {"features": s.read(slice(None)), "done": s.done, "boxes": s.boxes, "failed": s.failed, "attrs": s.attrs}
+        maps = s.read_maps(slice(None)) if s.maps_crops else None
+        return {
+            "features": s.read(slice(None)),
+            "done": s.done,
+            "boxes": s.boxes,
+            "failed": s.failed,
+            "attrs": s.attrs,
+            "maps": maps,
+        }
 
 
 def test_featurize_writes_the_store_and_reports_unreadable_images(tmp_path):
@@ -135,11 +143,25 @@ def test_settings_that_differ_from_the_store_are_named(tmp_path):
 def test_precision_choice(monkeypatch):
     assert resolve_precision("fp32") == "fp32"
     assert resolve_precision("auto", previous="bf16") == "bf16"  # a resumed store keeps its own
-    monkeypatch.setattr(pipeline, "bf16_is_fast", lambda: False)
-    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_precision("auto") is None  # only timing both can tell
+    chosen, rates = timed_precision(prepare_for_inference(build_inception("none")), 80, 2)
+    assert chosen in ("fp32", "bf16") and "fp32" in rates and "bf16" in rates and "crops/s" in rates
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32"
     with pytest.raises(UserError, match="no bfloat16 support"):
         resolve_precision("bf16")
+
+
+def test_auto_precision_is_timed_and_recorded(tmp_path):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bfloat16: auto is fp32 without timing")
+    work = make_dataset(tmp_path, 2)
+    console = Console(record=True, width=200)
+    path = featurize(work, console=console, **{**SMALL, "precision": "auto"})
+    attrs = read_store(path)["attrs"]
+    assert attrs["precision"] in ("fp32", "bf16") and "crops/s" in attrs["precision_timing"]
+    assert f"{attrs['precision']} is faster here" in console.export_text()
 
 
 def test_encoder_from_needs_a_joint_phase_run(tmp_path):
@@ -182,23 +204,27 @@ def kill_when(work: Path, shards: int, extra: tuple[str, ...], after_s: float = 
 
 
 @pytest.mark.slow
-def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("maps", [(), ("--maps", "all")], ids=["vectors", "maps"])
+def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(tmp_path, maps):
     work = make_dataset(tmp_path, 8, bad=(5,))
     reference_work = tmp_path / "reference"
     reference_work.mkdir()
     shutil.copy(work / "manifest.jsonl", reference_work)  # same images, same manifest bytes
-    subprocess.run(cli(reference_work), check=True, capture_output=True)
+    subprocess.run(cli(reference_work, *maps), check=True, capture_output=True)
     reference = read_store(reference_work / "features" / "inception_v3-none.h5")
 
-    kill_when(work, shards=0, extra=(), after_s=2.5)  # loading libraries and model, or on chunk 0
-    kill_when(work, shards=2, extra=("--resume",))  # mid-run, wherever it happens to be
-    kill_when(work, shards=5, extra=("--resume",))
-    kill_when(work, shards=8, extra=("--resume",))  # while assembling, or just after
-    done = subprocess.run(cli(work, "--resume"), capture_output=True, text=True)
+    kill_when(work, shards=0, extra=maps, after_s=2.5)  # loading libraries and model, or on chunk 0
+    kill_when(work, shards=2, extra=("--resume", *maps))  # mid-run, wherever it happens to be
+    kill_when(work, shards=5, extra=("--resume", *maps))
+    kill_when(work, shards=8, extra=("--resume", *maps))  # while assembling, or just after
+    done = subprocess.run(cli(work, "--resume", *maps), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
     got = read_store(work / "features" / "inception_v3-none.h5")
     assert np.array_equal(got["features"], reference["features"])  # bit for bit
+    if maps:
+        assert got["maps"].shape == (8, 2, 64, 2048) and np.array_equal(got["maps"], reference["maps"])
+        assert got["maps"][0].any() and not got["maps"][5].any()  # the corrupt image has no map
     assert np.array_equal(got["done"], reference["done"]) and got["failed"].keys() == {5}
     assert np.array_equal(got["boxes"], reference["boxes"])
     assert not (work / "features" / "inception_v3-none.h5.parts").exists()

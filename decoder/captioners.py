@@ -1,0 +1,39 @@
+"""Which captioner a checkpoint's config builds, and what features it reads.
+
+A pooled captioner (decoder/model.py) reads one vector per photo (B, D); the attention captioner
+(decoder/attention.py) reads the photo's feature map as regions (B, R, D). Everything that feeds a
+captioner (training data, evaluation, new photos) asks `reads_maps` which to give it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from decoder.attention import AttentionCaptioner
+from decoder.model import Captioner, CaptionerConfig
+from store.errors import UserError
+
+DECODERS = ("pooled", "attention")
+
+
+def build_captioner(config: CaptionerConfig) -> nn.Module:
+    if config.decoder == "attention":
+        return AttentionCaptioner(config)
+    if config.decoder == "pooled":
+        return Captioner(config)
+    raise UserError(f"unknown decoder {config.decoder!r}: expected {' or '.join(DECODERS)}")
+
+
+def reads_maps(config: CaptionerConfig | dict) -> bool:
+    """Whether the captioner reads feature maps (attention) rather than pooled vectors."""
+    decoder = config.get("decoder", "pooled") if isinstance(config, dict) else config.decoder
+    return decoder == "attention"
+
+
+def check_store_serves(store, config: CaptionerConfig | dict, what: str) -> None:
+    """One line when an attention captioner meets a store without maps."""
+    if reads_maps(config) and not store.maps_crops:
+        raise UserError(
+            f"{what} uses the attention decoder, which reads feature maps, and {store.path} has none: "
+            "run featurize with --maps (and --overwrite)"
+        )

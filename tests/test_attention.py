@@ -1,0 +1,227 @@
+"""Feature maps in the store, the attention decoder in every phase, heat maps, the full view."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from rich.console import Console
+
+from cli import main
+from decoder.attention import AttentionCaptioner
+from decoder.inference import load_run
+from decoder.model import CaptionerConfig
+from decoder.search import beam_search
+from decoder.train import train_decoder
+from featurize.crops import CropPolicy
+from featurize.encoder import build_inception, regions
+from featurize.pipeline import encode, encode_full_view, encode_with_maps, prepare_for_inference
+from store.features import FeatureStore, find_store
+from store.rundir import RunDir
+from tests.helpers import TINY, one_line_error, run_cli
+
+ATTENTION = [*TINY, "--decoder", "attention", "--attention-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def mapped(tmp_path_factory):
+    """A synthetic dataset featurized with the maps of every crop (2 crops of 139 px: 3x3 regions)."""
+    root = tmp_path_factory.mktemp("mapped")
+    run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
+    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
+    run_cli(
+        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150,
+        "--crop-size", 139, "--maps", "all",
+    )  # fmt: skip
+    return root / "work"
+
+
+@pytest.fixture(scope="session")
+def attention_run(mapped, tmp_path_factory):
+    run = tmp_path_factory.mktemp("attention") / "run"
+    run_cli("train", mapped, "--run", run, "--epochs", 8, "--lr", "3e-3", *ATTENTION)
+    return run
+
+
+def params(run_dir, name="last.pt"):
+    return torch.load(RunDir(run_dir).checkpoints / name, weights_only=True)["model"]
+
+
+def test_the_store_keeps_each_crops_map_and_its_mean_is_the_pooled_vector(mapped):
+    with FeatureStore.open(find_store(mapped)) as store:
+        assert store.attrs["schema_version"] == 2 and store.maps_crops == 2 and store.regions == 9
+        maps = store.read_maps(slice(0, 4)).astype(np.float32)  # (4, 2, 9, 2048)
+        pooled = store.read(slice(0, 4)).astype(np.float32)  # (4, 2, 2048)
+        assert maps.shape == (4, 2, 9, 2048)
+        np.testing.assert_allclose(maps.mean(2), pooled, rtol=1e-2, atol=1e-3)  # float16 rounding
+        one = store.read_maps(np.array([3, 0]), np.array([1, 0]))
+        assert np.array_equal(one, store.read_maps(np.array([3, 0]))[[0, 1], [1, 0]])
+
+
+def test_keeping_maps_does_not_change_the_pooled_bits():
+    net = prepare_for_inference(build_inception("none"))
+    crops = torch.randint(0, 256, (3, 3, 107, 107), dtype=torch.uint8)
+    pooled, maps = encode_with_maps(net, crops, 2, "fp32", keep=torch.tensor([True, False, True]))
+    assert torch.equal(pooled, encode(net, crops, 2, "fp32"))
+    assert maps.shape == (2, 4, 2048)
+    with torch.inference_mode():
+        direct = regions(net.feature_maps(crops[2:].float() / 255))
+    torch.testing.assert_close(maps[1], direct[0], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_weights_sum_to_one_over_any_number_of_regions():
+    config = CaptionerConfig(vocab_size=12, feature_dim=32, embed_size=8, hidden_size=16, decoder="attention")
+    model = AttentionCaptioner(config).eval()
+    captions = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])
+    for r in (64, 81, 3):
+        logits, weights = model.teacher_forced(torch.randn(2, r, 32), captions)
+        assert logits.shape == (2, 4, 12) and weights.shape == (2, 4, r)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
+        assert (weights >= 0).all()
+    _, penalty = model(torch.randn(2, 9, 32), captions)
+    assert penalty.item() > 0
+
+
+def test_batched_beam_search_equals_one_photo_at_a_time():
+    torch.manual_seed(0)
+    config = CaptionerConfig(vocab_size=15, feature_dim=32, embed_size=8, hidden_size=16, decoder="attention")
+    model = AttentionCaptioner(config).eval()
+    photos = torch.randn(5, 9, 32)
+    batched = beam_search(model, photos, start_id=1, end_id=2, beam=3, max_len=8)
+    alone = [beam_search(model, photos[i : i + 1], start_id=1, end_id=2, beam=3, max_len=8)[0] for i in range(5)]
+    assert batched == alone
+
+
+def test_attention_decoder_learns_and_resumes_exactly(mapped, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli("train", mapped, "--run", straight, "--epochs", 2, *ATTENTION)
+    run_cli("train", mapped, "--run", resumed, "--epochs", 1, *ATTENTION)
+    run_cli("train", "--run", resumed, "--resume", "--epochs", 2)
+    a, b = params(straight), params(resumed)
+    assert "cell.weight_ih" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_attention_stops_mid_epoch_and_resumes_exactly(mapped, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    options = {"epochs": 1, "embed_size": 16, "hidden_size": 16, "batch_size": 32, "decoder": "attention"}
+    quiet = Console(file=io.StringIO())
+    train_decoder(mapped, straight, resume=False, max_minutes=None, options=options, console=quiet)
+    outcome = train_decoder(mapped, stopped, resume=False, max_minutes=1e-9, options=options, console=quiet)
+    assert outcome.position.batch == 1
+    while outcome.status != "finished":
+        outcome = train_decoder(None, stopped, resume=True, max_minutes=1e-9, options={}, console=quiet)
+    a, b = params(straight), params(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_attention_checkpoint_refuses_a_store_without_maps(mapped, tmp_path):
+    work, run = tmp_path / "work", tmp_path / "run"
+    shutil.copytree(mapped, work)
+    run_cli("train", work, "--run", run, "--epochs", 1, *ATTENTION)
+    run_cli(
+        "featurize", work, "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150, "--crop-size", 139,
+        "--overwrite",
+    )  # the same images and crops, now without maps  # fmt: skip
+    line = one_line_error(CliRunner().invoke(main, ["evaluate", str(run), "--split", "val"]))
+    assert "attention decoder" in line and "--maps" in line
+    resumed = CliRunner().invoke(main, ["train", "--run", str(run), "--resume", "--epochs", 2])
+    last = resumed.output.strip().splitlines()[-1]  # after the "resuming ..." banner
+    assert resumed.exit_code == 1 and "Traceback" not in resumed.output
+    assert last.startswith("Error:") and "attention decoder" in last and "--maps" in last
+    line = one_line_error(CliRunner().invoke(main, ["train", str(work), "--run", str(tmp_path / "new"), *ATTENTION]))
+    assert "attention decoder" in line and "--maps" in line
+
+
+def test_evaluate_caption_heat_maps_and_json_weights(mapped, attention_run, tmp_path):
+    run_cli("evaluate", attention_run, "--split", "test")
+    assert json.loads(RunDir(attention_run).eval_json("test").read_text())["images"] > 0
+    photos = sorted((mapped.parent / "synth" / "images").glob("*.png"))[:3]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    out, heat = tmp_path / "c.json", tmp_path / "heat"
+    run_cli("caption", folder, "--run", attention_run, "--format", "json", "--out", out, "--attention", heat)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3
+    for row in rows:
+        weights = np.asarray(row["attention"])
+        assert weights.shape == (len(row["caption"].split()), 9)
+        np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
+        assert not np.allclose(weights, 1 / 9, atol=1e-4)  # not uniform
+        assert not np.allclose(weights[0], weights[-1], atol=1e-5)  # it moves between words
+        png = heat / (row["image"].rsplit("/", 1)[-1] + ".png")
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_a_pooled_run_refuses_attention_maps(trained, tmp_path, tiny_images):
+    tiny_images(tmp_path / "p", ["a.png"])
+    result = CliRunner().invoke(main, ["caption", str(tmp_path / "p"), "--run", str(trained), "--attention", "h"])
+    assert "--decoder attention" in one_line_error(result)
+
+
+def test_scst_ensemble_and_joint_run_with_the_attention_decoder(mapped, tmp_path):
+    run = tmp_path / "ens"
+    run_cli("train", mapped, "--run", run, "--members", 2, "--epochs", 1, *ATTENTION)
+    loaded = load_run(run)
+    assert len(loaded.model.members) == 2
+    run_cli("caption", mapped.parent / "synth" / "images" / "000001.png", "--run", run)
+    solo = tmp_path / "solo"
+    run_cli("train", mapped, "--run", solo, "--epochs", 1, *ATTENTION)
+    run_cli("train", "--run", solo, "--phase", "scst", "--epochs", 1)
+    assert torch.load(RunDir(solo).last, weights_only=True)["phase"] == "scst"
+    run_cli("train", "--run", solo, "--phase", "joint", "--epochs", 1, "--workers", 0, "--batch-size", 32)
+    state = torch.load(RunDir(solo).last, weights_only=True)
+    assert state["phase"] == "joint" and "encoder" in state
+    run_cli("caption", mapped.parent / "synth" / "images" / "000002.png", "--run", solo)
+
+
+def test_full_view_pools_each_crop_box_from_one_map(tmp_path):
+    net = prepare_for_inference(build_inception("none"))
+    policy = CropPolicy(resize=160, crop=139, num_crops=3)
+    image = torch.randint(0, 256, (1, 3, 160, 160), dtype=torch.uint8)
+    boxes = torch.tensor([policy.boxes(0)])
+    pooled, maps = encode_full_view(net, image, boxes, batch_size=2, precision="fp32")
+    assert pooled.shape == (1, 3, 2048) and maps.shape == (1, 16, 2048)  # 160 px: a 4x4 map
+    assert not torch.allclose(pooled[0, 0], pooled[0, 2])  # different boxes, different vectors
+    whole = encode_full_view(net, image, torch.tensor([[[0, 0, 160, 160]]]), 2, "fp32")[0]
+    torch.testing.assert_close(whole[0, 0], maps[0].mean(0), rtol=0.05, atol=1e-3)  # the whole box ~ the mean
+
+
+def test_full_view_store_trains_and_captions_new_photos(tmp_path):
+    root = tmp_path
+    run_cli("synth", root / "synth", "--n", 30, "--seed", 2, "--size", 120)
+    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
+    run_cli(
+        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150,
+        "--crop-size", 139, "--maps", "--view", "full",
+    )  # fmt: skip
+    with FeatureStore.open(find_store(root / "work")) as store:
+        assert store.attrs["view"] == "full" and store.maps_crops == 1 and store.regions == 16  # 150 px: 4x4
+    run_cli("train", root / "work", "--run", root / "run", "--epochs", 1, *ATTENTION)
+    out = root / "c.json"
+    run_cli("caption", root / "synth" / "images", "--run", root / "run", "--format", "json", "--out", out)
+    assert all(row["caption"] for row in json.loads(out.read_text()))
+    result = CliRunner().invoke(
+        main, ["featurize", str(root / "work"), "--weights", "none", "--view", "full", "--flip", "--overwrite"]
+    )
+    assert "--flip needs --view crops" in one_line_error(result)
+
+
+def test_a_schema_1_store_still_reads_as_one_without_maps(featurized, tmp_path):
+    old = tmp_path / "old.h5"
+    shutil.copy(find_store(featurized), old)
+    with h5py.File(old, "a") as f:
+        f.attrs["schema_version"] = 1
+        for key in ("view", "maps_crops", "map_size"):
+            del f.attrs[key]
+    with FeatureStore.open(old) as store:
+        assert store.maps_crops == 0 and store.attrs["view"] == "crops" and store.read(slice(0, 2)).shape[0] == 2
