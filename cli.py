@@ -268,7 +268,7 @@ def featurize(
     type=click.Choice(["pooled", "attention"]),
     default=None,
     help="pooled: Show and Tell on one vector per photo; attention: Show, Attend and Tell over the "
-    "feature map's regions (needs featurize --maps) [default: pooled].",
+    "feature map's regions (needs featurize --maps) [default: attention when the store has maps, else pooled].",
 )
 @click.option("--attention-size", type=int, default=None, help="Attention decoder: query/key size [default: 256].")
 @click.option(

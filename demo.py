@@ -6,8 +6,9 @@
 Each step is a real `python cli.py ...` command run in a subprocess, printed before it runs and
 timed; at the end come the captions of held-out images beside a reference, the metrics and the
 time each step took, and the path of the test split's HTML report (decoder/report.py). An
-attention decoder is trained on the centre crops' feature maps too, and its heat maps of the
-held-out images (one panel per word) are written to ROOT/heatmaps/.
+The store keeps the centre crops' feature maps, so `train` picks the attention decoder (the
+default on a store with maps), and the held-out images get heat maps of what the decoder looked
+at for each word, in ROOT/heatmaps/.
 """
 
 from __future__ import annotations
@@ -48,15 +49,14 @@ def main() -> None:
     p.add_argument("--weights", default="google2015")
     p.add_argument("--crops", type=int, default=5)
     p.add_argument("--crop-size", type=int, default=299, help="smaller crops make a quick smoke test")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--joint-minutes", type=float, default=1.0, help="length of each joint session; 0 skips it")
-    p.add_argument("--attention-epochs", type=int, default=10, help="epochs of the attention decoder; 0 skips it")
     p.add_argument("--show", type=int, default=8, help="held-out images to caption in the table")
     a = p.parse_args()
 
-    synth, work, run, attention_run = a.root / "synth", a.root / "work", a.root / "run", a.root / "run-attention"
-    for old in (run, attention_run):
-        shutil.rmtree(old, ignore_errors=True)  # fresh runs every time; the dataset and the feature store are reused
+    synth, work, run, heatmaps = a.root / "synth", a.root / "work", a.root / "run", a.root / "heatmaps"
+    for old in (run, heatmaps):
+        shutil.rmtree(old, ignore_errors=True)  # a fresh run every time; the dataset and the feature store are reused
     store = existing_attrs(store_path(work, a.weights)) or {}
     rebuild = ["--overwrite"] if store and not store.get("maps_crops") else []  # a store from before maps
     t: list[tuple[str, float]] = []
@@ -83,7 +83,7 @@ def main() -> None:
         ],
         t,
     )
-    step("train decoder", ["train", str(work), "--run", str(run), "--epochs", str(a.epochs)], t)
+    step("train decoder (attention)", ["train", str(work), "--run", str(run), "--epochs", str(a.epochs)], t)
     if a.joint_minutes > 0:
         step(
             "joint session 1",
@@ -123,7 +123,18 @@ def main() -> None:
     out = a.root / "held_out_captions.csv"
     step(
         "caption held-out images",
-        ["caption", str(held_out), "--run", str(run), "--format", "csv", "--out", str(out)],
+        [
+            "caption",
+            str(held_out),
+            "--run",
+            str(run),
+            "--format",
+            "csv",
+            "--out",
+            str(out),
+            "--attention",
+            str(heatmaps),
+        ],
         t,
     )
 
@@ -134,28 +145,6 @@ def main() -> None:
                 Path(row["image"]).name, row["caption"] or f"[red]{row['error']}", references.get(row["image"], "")
             )
     console.print(table)
-    if a.attention_epochs > 0:
-        step(
-            "train attention decoder",
-            [
-                "train",
-                str(work),
-                "--run",
-                str(attention_run),
-                "--decoder",
-                "attention",
-                "--epochs",
-                str(a.attention_epochs),
-            ],
-            t,
-        )
-        heatmaps = a.root / "heatmaps"
-        shutil.rmtree(heatmaps, ignore_errors=True)
-        step(
-            "caption held-out images with attention heat maps",
-            ["caption", str(held_out), "--run", str(attention_run), "--attention", str(heatmaps)],
-            t,
-        )
     scores = json.loads(RunDir(run).eval_json("test").read_text())["scores"]
     metrics = Table(*scores, title="Test split (x100)")
     metrics.add_row(*(f"{100 * v:.1f}" for v in scores.values()))
@@ -165,8 +154,7 @@ def main() -> None:
         timing.add_row(name, f"{seconds:.1f}")
     timing.add_row("[bold]total", f"[bold]{time.monotonic() - started:.1f}")
     console.print(timing)
-    if a.attention_epochs > 0:
-        console.print(f"attention heat maps: {heatmaps}", soft_wrap=True)
+    console.print(f"attention heat maps, a panel per word: {heatmaps}", soft_wrap=True)
     console.print(f"plots: {run / 'plots'}", soft_wrap=True)  # soft_wrap: a path on one line, to copy
     console.print(f"report (open it in a browser): {RunDir(run).eval_report('test')}", soft_wrap=True)
 

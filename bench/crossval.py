@@ -11,7 +11,8 @@ is trained and scored on the same folds, so methods are compared photo for photo
 
 Methods (--method, repeatable; each adds one row per fold to OUT/crossval.json):
   retrieval        no decoder: the consensus caption of the 30 nearest training photos
-  defaults         `train` with today's defaults (40 epochs, best.pt by val loss), beam 3
+  defaults         the baseline of every Δ: the pooled decoder with its defaults (40 epochs, best.pt by
+                   val loss), beam 3, no re-ranking: `train` as it was before re-ranking and attention
   NAME:ARGS        any other recipe, e.g. "e20-cider:--epochs 20 --select-by cider" (ARGS go to
                    `cli.py train`); later phases after ';', decoding options after '|':
                    "e20+scst+rerank:--epochs 20 --select-by cider ; --phase scst|rerank=30,candidates=5"
@@ -180,10 +181,10 @@ def run_recipe(
 def parse_method(spec: str) -> tuple[str, list[list[str]], dict]:
     """'name:phase 1 args ; phase 2 args|decode' -> (name, [args of each phase], decode options)."""
     if spec == "defaults":
-        return "defaults", [[]], {"beam": 3}
+        return "defaults", [["--decoder", "pooled"]], {"beam": 3, "rerank": 0}
     name, _, rest = spec.partition(":")
     train, _, decode = rest.partition("|")
-    options = {"beam": 3}
+    options = {"beam": 3, "rerank": 0}  # decoding as given, not the evaluate defaults
     for part in filter(None, (s.strip() for s in decode.split(","))):
         key, _, value = part.partition("=")
         options[key] = float(value) if key == "alpha" else True if key == "tta" else int(value)

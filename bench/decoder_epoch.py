@@ -3,7 +3,9 @@
     python bench/decoder_epoch.py [WORKDIR] [--sample-batches 3]
 
 WORKDIR is a prepared and featurized dataset (default: data/work from `make features`). The
-decoder epoch is timed in full; the end-to-end epoch (decode + resize + random 299 crop with
+decoder epoch is timed in full, for the pooled decoder and, when the store has feature maps
+(`featurize --maps`), for the attention decoder, each in a fresh process whose peak resident
+memory is reported (the features or maps in RAM included); the end-to-end epoch (decode + resize + random 299 crop with
 torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
 few batches and extrapolated to the same number of batches. Both run here, in this process.
 """
@@ -11,6 +13,8 @@ few batches and extrapolated to the same number of batches. Both run here, in th
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,8 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decoder import data as D  # noqa: E402
-from decoder.model import Captioner, CaptionerConfig, caption_loss  # noqa: E402
+from decoder.captioners import build_captioner, reads_maps  # noqa: E402
+from decoder.model import Captioner, CaptionerConfig, caption_loss, split_output  # noqa: E402
 from decoder.train import FeatureData, TrainConfig  # noqa: E402
 from featurize.encoder import build_inception  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
@@ -31,20 +36,28 @@ from store.manifest import read_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
 
 
-def decoder_epoch(
-    store: FeatureStore, train: D.Pairs, val: D.Pairs, vocab: Vocabulary, workdir: Path
-) -> tuple[float, int]:
-    torch.manual_seed(0)
-    model = Captioner(CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-    data = FeatureData(store, train, val, TrainConfig(workdir=str(workdir), store=str(store.path)))
-    started = time.perf_counter()
-    for features, captions in data.train_batches(0, 0):
-        loss = caption_loss(model(features, captions), captions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - started, data.num_batches
+def decoder_epoch(workdir: Path, decoder: str) -> tuple[float, int, float]:
+    """(seconds, batches, peak resident MB) of one epoch of `decoder` with its defaults."""
+    records = read_manifest(workdir)
+    vocab = Vocabulary.load(workdir / "vocab.json")
+    with FeatureStore.open(find_store(workdir)) as store:
+        usable = np.asarray(store.done, dtype=bool)
+        train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
+        torch.manual_seed(0)
+        config = CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder)
+        model = build_captioner(config)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+        cfg = TrainConfig(workdir=str(workdir), store=str(store.path))
+        data = FeatureData(store, train, val, cfg, maps=reads_maps(config))
+        started = time.perf_counter()
+        for features, captions in data.train_batches(0, 0):
+            logits, penalty = split_output(model(features, captions))
+            loss = caption_loss(logits, captions) + penalty
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        seconds = time.perf_counter() - started
+    return seconds, data.num_batches, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def end_to_end_batches(records, train: D.Pairs, vocab: Vocabulary, n_batches: int, batch_size: int = 32) -> float:
@@ -79,15 +92,20 @@ def main() -> None:
     with FeatureStore.open(find_store(a.workdir)) as store:
         usable = np.asarray(store.done, dtype=bool)
         train = D.build_pairs(records, vocab, "train", usable)
-        val = D.build_pairs(records, vocab, "val", usable)
-        cached, n_batches = decoder_epoch(store, train, val, vocab, a.workdir)
+        decoders = ["pooled", "attention"] if store.maps_crops else ["pooled"]
+    epochs = {}
+    for decoder in decoders:  # a fresh process each: its peak memory is its own
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            epochs[decoder] = pool.apply(decoder_epoch, (a.workdir, decoder))
+    cached, n_batches, _ = epochs["pooled"]
     per_batch = end_to_end_batches(records, train, vocab, a.sample_batches)
     e2e = per_batch * n_batches
     print(
         f"dataset: {a.workdir} ({len(train)} train captions, {n_batches} batches of 32), "
         f"torch threads {torch.get_num_threads()}"
     )
-    print(f"decoder epoch on cached features: {cached:8.2f} s")
+    for decoder, (seconds, _, rss) in epochs.items():
+        print(f"{decoder:9s} decoder epoch on cached features: {seconds:8.2f} s, peak memory {rss:.0f} MB")
     print(
         f"end-to-end epoch, original way:   {e2e:8.1f} s  "
         f"({per_batch:.2f} s/batch x {n_batches}, from {a.sample_batches} batches)"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from decoder.model import CaptionerConfig
+from store.errors import UserError
 
 AttentionState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (1,B,H) (1,B,H) (1,B,R,H) (1,B,R,A)
 
@@ -32,7 +33,7 @@ class AttentionCaptioner(nn.Module):
     def __init__(self, config: CaptionerConfig):
         super().__init__()
         if config.num_layers != 1:
-            raise ValueError("the attention decoder has one LSTM layer")
+            raise UserError("the attention decoder has one LSTM layer: drop --num-layers")
         self.config = c = config
         self.values = nn.Sequential(nn.Linear(c.feature_dim, c.hidden_size), nn.ReLU(), nn.Dropout(c.dropout))
         self.keys = nn.Linear(c.hidden_size, c.attention_size)

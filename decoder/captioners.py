@@ -30,10 +30,17 @@ def reads_maps(config: CaptionerConfig | dict) -> bool:
     return decoder == "attention"
 
 
-def check_store_serves(store, config: CaptionerConfig | dict, what: str) -> None:
-    """One line when an attention captioner meets a store without maps."""
-    if reads_maps(config) and not store.maps_crops:
+def check_store_serves(store, config: CaptionerConfig | dict, what: str, expected: dict | None = None) -> None:
+    """One line when an attention captioner meets a store without maps, or (`expected`: the store
+    identity its checkpoint recorded) with other maps than it was trained on."""
+    if not reads_maps(config):
+        return
+    if not store.maps_crops:
         raise UserError(
             f"{what} uses the attention decoder, which reads feature maps, and {store.path} has none: "
             "run featurize with --maps (and --overwrite)"
         )
+    have = {"maps_crops": store.maps_crops, "map_size": int(store.attrs["map_size"])}
+    diffs = [f"{k}: {expected[k]} vs {v}" for k, v in have.items() if k in (expected or {}) and expected[k] != v]
+    if diffs:
+        raise UserError(f"{store.path} has other feature maps than {what} was trained on ({'; '.join(diffs)})")

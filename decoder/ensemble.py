@@ -17,7 +17,9 @@ import math
 import torch
 from torch import nn
 
+from decoder.captioners import reads_maps
 from store.errors import UserError
+from store.features import FEATURE_IDENTITY
 
 
 class Ensemble(nn.Module):
@@ -47,6 +49,17 @@ class Ensemble(nn.Module):
         return torch.logsumexp(torch.stack(logprobs), 0) - self.log_members, tuple(new_state)
 
 
+def _identity(state: dict) -> dict:
+    """What a member's features are, as far as its checkpoint recorded them: the store identity (a
+    checkpoint from before `view` existed was trained on crops, the only view there was; one from
+    before `images_sha256` recorded the manifest's hash), and for the attention decoder the maps."""
+    store = {"view": "crops", **state.get("store", {})}
+    keys = (*FEATURE_IDENTITY, "manifest_sha256" if "images_sha256" not in store else "images_sha256")
+    if reads_maps(state["config"]["model"]):
+        keys += ("maps_crops", "map_size")
+    return {k: store[k] for k in keys if k in store}
+
+
 def check_members_agree(states: list[dict], paths: list) -> None:
     """One-line refusal when members differ in vocabulary or feature store."""
     first = states[0]
@@ -58,8 +71,9 @@ def check_members_agree(states: list[dict], paths: list) -> None:
             raise UserError(
                 f"{path} is a {decoder} decoder and {paths[0]} a {first_decoder} one: ensemble members must be one kind"
             )
-        ours = {k: v for k, v in state.get("store", {}).items() if k not in ("precision", "weights_path")}
-        theirs = {k: v for k, v in first.get("store", {}).items() if k not in ("precision", "weights_path")}
+        ours, theirs = _identity(state), _identity(first)
+        shared = ours.keys() & theirs.keys()  # what both recorded: older checkpoints recorded less
+        ours, theirs = {k: ours[k] for k in shared}, {k: theirs[k] for k in shared}
         if ours != theirs:
             differs = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             raise UserError(

@@ -40,17 +40,19 @@ def split_features(
         return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
     with FeatureStore.open(Path(train_cfg["store"])) as store:
         check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
-        check_store_serves(store, loaded.state["config"]["model"], f"checkpoint {loaded.path}")
+        check_store_serves(store, loaded.state["config"]["model"], f"checkpoint {loaded.path}", loaded.state["store"])
         done = np.asarray(store.done, dtype=bool)
         kept = [i for i in rows if done[i]]
         if not kept:
             return [], torch.zeros(0)
-        if reads_maps(loaded.state["config"]["model"]):
-            block = store.read_maps(np.asarray(kept))  # (n, Km, R, D) float16
-        else:
-            block = store.read(np.asarray(kept))  # (n, K, D) float16
-    block = block.astype(np.float32)
-    return kept, torch.from_numpy(block.mean(1) if tta else block[:, 0])
+        if not reads_maps(loaded.state["config"]["model"]):
+            block = store.read(np.asarray(kept)).astype(np.float32)  # (n, K, D)
+            return kept, torch.from_numpy(block.mean(1) if tta else block[:, 0])
+        if not tta:  # the centre crop's map only: a block of every crop's maps is K times the memory
+            return kept, torch.from_numpy(
+                store.read_maps(np.asarray(kept), np.zeros(len(kept), np.int64)).astype(np.float32)
+            )
+        return kept, torch.from_numpy(store.read_maps(np.asarray(kept)).astype(np.float32).mean(1))
 
 
 def evaluate_run(

@@ -171,10 +171,12 @@ class Inputs:
 
     maps: bool = False
     full_view: bool = False
+    maps_crops: int = 0  # the crops of each photo whose maps the store kept (0: unknown, all)
 
     @classmethod
     def of(cls, state: dict) -> Inputs:
-        return cls(reads_maps(state["config"]["model"]), state.get("store", {}).get("view") == "full")
+        store = state.get("store", {})
+        return cls(reads_maps(state["config"]["model"]), store.get("view") == "full", int(store.get("maps_crops") or 0))
 
 
 class _ImageCrops(Dataset):
@@ -242,7 +244,10 @@ def _encode(encoder, images: torch.Tensor, policy: CropPolicy, tta: bool, precis
     keep = torch.ones(images.size(0), dtype=torch.bool) if inputs.maps else None
     pooled, maps = encode_with_maps(encoder, images, batch_size=8, precision=precision, keep=keep)
     out = maps if inputs.maps else pooled  # (n*K, ...) crops in photo order
-    return out.reshape(images.size(0) // per_photo, per_photo, *out.shape[1:]).mean(1)
+    out = out.reshape(images.size(0) // per_photo, per_photo, *out.shape[1:])
+    if inputs.maps and inputs.maps_crops:  # TTA over the maps training saw, as evaluate averages them
+        out = out[:, : inputs.maps_crops]
+    return out.mean(1)
 
 
 def encode_photos(

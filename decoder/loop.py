@@ -164,7 +164,10 @@ def teacher_forcing(net: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, f
     inputs, captions = batch
     logits, penalty = split_output(net(inputs, captions))
     loss = caption_loss(logits, captions)
-    return loss + penalty, float((captions[:, 1:] != 0).sum()), loss.item()
+    units = float((captions[:, 1:] != 0).sum())
+    if isinstance(penalty, torch.Tensor):  # a mean over photos, not words: see _loss
+        return loss + penalty, units, loss.item(), (penalty, float(captions.size(0)))
+    return loss, units, loss.item()
 
 
 def _loss(objective, net: torch.nn.Module, batch, ctx: Dist) -> tuple[torch.Tensor, float]:
@@ -173,12 +176,18 @@ def _loss(objective, net: torch.nn.Module, batch, ctx: Dist) -> tuple[torch.Tens
     Distributed, each rank holds a shard of the global batch. Its mean loss is rescaled by its
     share of the global batch's units (words), so that DistributedDataParallel's gradient average
     equals the gradient of the global batch's mean loss: the same step a single process would take.
+    An objective may return a fourth item, (a term of the loss that is a mean over photos, the
+    photos): that term is rescaled by the rank's share of photos instead (the attention penalty).
     """
-    loss, units, logged = objective(net, batch)
+    loss, units, logged, *per_photo = objective(net, batch)
     if not ctx.active:
         return loss, logged
     total_units = sum_scalar(ctx, units)
     weighted = loss * (units * ctx.world_size / total_units)
+    if per_photo:
+        term, photos = per_photo[0]
+        share = photos * ctx.world_size / sum_scalar(ctx, photos)
+        weighted = weighted + term * (share - units * ctx.world_size / total_units)
     return weighted, sum_scalar(ctx, logged * units) / total_units
 
 

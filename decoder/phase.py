@@ -15,7 +15,7 @@ resume or re-seed per rank on a fresh start, then train.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from rich.console import Console
 
 from decoder.loop import Fit, Outcome, Position, resume_from
 from decoder.loop import run as run_loop
+from decoder.model import CaptionerConfig
 from decoder.stopping import StopRequest
 from store.checkpoints import load_resumable
 from store.distributed import Dist, barrier, broadcast_object, process_group
@@ -87,7 +88,8 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
                 hint = f"start the {phase.name} phase without --resume"
             raise UserError(f"{path} is a {state['phase']}-phase checkpoint: {hint}")
         saved = state["config"][phase.options_key]
-        check_options_unchanged({**state["config"].get("model", {}), **saved}, options, phase.changeable_on_resume)
+        model = {**MODEL_DEFAULTS, **state["config"].get("model", {})}  # a config from before a field existed
+        check_options_unchanged({**model, **saved}, options, phase.changeable_on_resume)
         changed = {k: v for k, v in options.items() if k in phase.changeable_on_resume and v is not None}
         cfg = phase.options_type(**{**saved, **changed})
         console.print(
@@ -113,6 +115,9 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
             outcome = run_loop(built.fit, pos, stop, console)
     outcome.run_dir = run.path
     return outcome
+
+
+MODEL_DEFAULTS = {f.name: f.default for f in fields(CaptionerConfig) if f.default is not MISSING}
 
 
 def resolve_run(run_dir: Path | None, resume: bool, default_latest: bool) -> RunDir:

@@ -176,7 +176,7 @@ class ScstPhase:
         cider = CiderD(records[i].captions for i in rows)
         refs = {int(i): cider.references(records[i].captions) for i in rows}
 
-        check_store_serves(store, model_cfg, f"checkpoint {cfg.init}")
+        check_store_serves(store, model_cfg, f"checkpoint {cfg.init}", state["store"])
         model = build_captioner(model_cfg)
         model.load_state_dict(state["model"])
         net = SampleNet(model, vocab.start_id, vocab.end_id)

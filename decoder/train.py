@@ -54,6 +54,9 @@ class TrainConfig:
 
 
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
+# Each decoder's own defaults, measured by cross-validation (docs/quality.md): the attention
+# decoder peaks earlier, and its best epoch is found by validation CIDEr-D.
+DECODER_DEFAULTS = {"pooled": {}, "attention": {"epochs": 20, "select_by": "cider"}}
 TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 
 
@@ -141,7 +144,8 @@ class DecoderPhase:
         store_path = find_store(workdir, weights)
         given = {k: v for k, v in options.items() if k in TRAIN_OPTIONS and v is not None}
         self.model_options = {k: v for k, v in options.items() if k in MODEL_OPTIONS and v is not None}
-        return TrainConfig(workdir=str(workdir), store=str(store_path), **given), None
+        decoder = self.model_options.setdefault("decoder", default_decoder(store_path))
+        return TrainConfig(workdir=str(workdir), store=str(store_path), **{**DECODER_DEFAULTS[decoder], **given}), None
 
     def build(self, ctx: Dist, run: RunDir, cfg: TrainConfig, state: dict | None, stack: ExitStack) -> Built:
         store, records, usable = open_training_store(stack, cfg, state["store"] if state else None)
@@ -158,7 +162,7 @@ class DecoderPhase:
                 "with features; need both"
             )
 
-        check_store_serves(store, model_cfg, f"run {run}")
+        check_store_serves(store, model_cfg, f"run {run}", state["store"] if state else None)
         maps = reads_maps(model_cfg)
         model = build_captioner(model_cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -192,6 +196,12 @@ class DecoderPhase:
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
         )
         return Built(fit, config, Position(), banner)
+
+
+def default_decoder(store_path: Path) -> str:
+    """The attention decoder where the store has feature maps to attend over, else the pooled one."""
+    with FeatureStore.open(store_path) as store:
+        return "attention" if store.maps_crops else "pooled"
 
 
 def train_decoder(*args, **kwargs) -> Outcome:

@@ -100,8 +100,8 @@ def featurize(
     except ValueError as e:
         raise UserError(str(e)) from None
     path = store_path(workdir, weights, ENCODER)
-    previous = None if overwrite else (existing_attrs(path) or {}).get("precision")
-    chosen = resolve_precision(precision, previous)  # None: time both on this CPU, below
+    prior = {} if overwrite else (existing_attrs(path) or {})
+    chosen = resolve_precision(precision, prior.get("precision"))  # None: time both on this CPU, below
     maps_crops = {"none": 0, "centre": 1, "all": 1 if view == "full" else num_crops}[maps]
     attrs = {
         **encoder_info(weights),
@@ -114,6 +114,8 @@ def featurize(
         "num_rows": len(records),
         "batch_size": batch_size,  # provenance: the batches that produced these exact bits
     }
+    if "precision_timing" in prior and chosen == prior.get("precision"):  # a resumed run keeps its timing
+        attrs["precision_timing"] = prior["precision_timing"]
     files = [workdir / r.path for r in records]  # manifest paths are absolute or relative to WORKDIR
     if maps_crops:
         _say(console, _maps_cost(len(records), maps_crops, attrs["map_size"]))
@@ -122,7 +124,7 @@ def featurize(
             chunks = writer.todo()  # every rank lists the same chunks before any rank writes one
             barrier(ctx)
             chunks = chunks[ctx.rank :: ctx.world_size]
-            timing = chosen is None and bool(chunks or ctx.is_main)
+            timing = chosen is None and ctx.is_main
             batches = iter(
                 DataLoader(
                     _Resized(files, policy),
@@ -133,12 +135,13 @@ def featurize(
                 )
             )  # start the workers before the model's threads exist
             net = prepare_for_inference(build_inception(weights)) if chunks or timing else None
-            if chosen is None:  # rank 0 times both precisions; every rank takes its choice
-                side = policy.resize if view == "full" else policy.crop
-                timed = timed_precision(net, side, batch_size) if ctx.is_main else None
-                chosen, rates = broadcast_object(ctx, timed)
+            # Rank 0 decides (timing both precisions when it must) and every rank takes its decision.
+            side = policy.resize if view == "full" else policy.crop
+            decision = (timed_precision(net, side, batch_size) if timing else (chosen, None)) if ctx.is_main else None
+            chosen, rates = broadcast_object(ctx, decision)
+            writer.attrs["precision"] = attrs["precision"] = chosen
+            if rates is not None:
                 _say(console if ctx.is_main else None, f"--precision auto: {rates}; {chosen} is faster here")
-                writer.attrs["precision"] = attrs["precision"] = chosen
                 attrs["precision_timing"] = writer.attrs["precision_timing"] = rates  # provenance
             if chunks:
                 try:

@@ -112,6 +112,8 @@ def store_identity(store: FeatureStore) -> dict:
         "manifest_sha256": attrs.get("manifest_sha256"),
         "weights_path": attrs.get("weights_path", ""),
         "precision": attrs.get("precision", "fp32"),
+        "maps_crops": store.maps_crops,  # what an attention decoder was trained on
+        "map_size": int(attrs.get("map_size", 0)),
     }
 
 

@@ -190,7 +190,7 @@ def test_full_view_pools_each_crop_box_from_one_map(tmp_path):
     image = torch.randint(0, 256, (1, 3, 160, 160), dtype=torch.uint8)
     boxes = torch.tensor([policy.boxes(0)])
     pooled, maps = encode_full_view(net, image, boxes, batch_size=2, precision="fp32")
-    assert pooled.shape == (1, 3, 2048) and maps.shape == (1, 16, 2048)  # 160 px: a 4x4 map
+    assert pooled.shape == (1, 3, 2048) and maps.shape == (1, 9, 2048)  # 160 px: a 3x3 map
     assert not torch.allclose(pooled[0, 0], pooled[0, 2])  # different boxes, different vectors
     whole = encode_full_view(net, image, torch.tensor([[[0, 0, 160, 160]]]), 2, "fp32")[0]
     torch.testing.assert_close(whole[0, 0], maps[0].mean(0), rtol=0.05, atol=1e-3)  # the whole box ~ the mean
@@ -205,7 +205,7 @@ def test_full_view_store_trains_and_captions_new_photos(tmp_path):
         "--crop-size", 139, "--maps", "--view", "full",
     )  # fmt: skip
     with FeatureStore.open(find_store(root / "work")) as store:
-        assert store.attrs["view"] == "full" and store.maps_crops == 1 and store.regions == 16  # 150 px: 4x4
+        assert store.attrs["view"] == "full" and store.maps_crops == 1 and store.regions == 9  # 150 px: 3x3
     run_cli("train", root / "work", "--run", root / "run", "--epochs", 1, *ATTENTION)
     out = root / "c.json"
     run_cli("caption", root / "synth" / "images", "--run", root / "run", "--format", "json", "--out", out)
@@ -225,3 +225,20 @@ def test_a_schema_1_store_still_reads_as_one_without_maps(featurized, tmp_path):
             del f.attrs[key]
     with FeatureStore.open(old) as store:
         assert store.maps_crops == 0 and store.attrs["view"] == "crops" and store.read(slice(0, 2)).shape[0] == 2
+
+
+def test_attention_options_are_checked_in_one_line(mapped, trained, tmp_path):
+    args = ["train", str(mapped), "--run", str(tmp_path / "x"), *ATTENTION, "--num-layers", "2"]
+    assert "one LSTM layer" in one_line_error(CliRunner().invoke(main, args))
+    resumed = CliRunner().invoke(main, ["train", "--run", str(trained), "--resume", "--decoder", "attention"])
+    assert resumed.exit_code == 1 and "cannot change --decoder" in resumed.output.strip().splitlines()[-1]
+
+
+def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featurized, tmp_path):
+    run_cli("train", mapped, "--run", tmp_path / "a", "--epochs", 1, *TINY)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["model"]["decoder"] == "attention" and config["train"]["select_by"] == "cider"
+    assert config["train"]["epochs"] == 1  # what the user gave wins over the decoder's defaults
+    run_cli("train", featurized, "--run", tmp_path / "p", "--epochs", 1, *TINY)
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["model"]["decoder"] == "pooled" and config["train"]["select_by"] == "loss"

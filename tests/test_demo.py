@@ -27,8 +27,6 @@ def test_demo_runs_end_to_end(tmp_path):
         "0.02",
         "--show",
         "3",
-        "--attention-epochs",
-        "2",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -39,6 +37,7 @@ def test_demo_runs_end_to_end(tmp_path):
         "Time per step",
         "joint session 2 (--resume)",
         "caption held-out images",
+        "train decoder (attention)",
         "attention heat maps",
     ):
         assert expected in out

@@ -85,11 +85,21 @@ def test_beam_finds_the_better_caption_that_greedy_misses():
 
 
 def test_length_normalisation_prefers_longer_captions():
-    # "<end>" at once: p=0.5, log -0.69 over 1 word. "A <end>": 0.45*0.8=0.36, log -1.02 but -0.51 per word.
-    model = MarkovCaptioner({START: {END: 0.5, A: 0.45, B: 0.05}, A: {END: 0.8, A: 0.2}, B: {END: 1.0}})
+    # "B <end>": p=0.4, log -0.92 over 2 tokens (-0.46 each). "A B <end>": 0.6*0.5=0.3, log -1.20 but
+    # -0.40 per token. "A <end>": 0.3, -0.60 per token.
+    model = MarkovCaptioner({START: {A: 0.6, B: 0.4}, A: {END: 0.5, B: 0.5}, B: {END: 1.0}})
     features = torch.zeros(1, 4)
-    assert beam_search(model, features, START, END, beam=3, alpha=0.0) == [[]]
-    assert beam_search(model, features, START, END, beam=3, alpha=1.0) == [[A]]
+    assert beam_search(model, features, START, END, beam=3, alpha=0.0) == [[B]]
+    assert beam_search(model, features, START, END, beam=3, alpha=1.0) == [[A, B]]
+
+
+def test_a_caption_has_at_least_one_word():
+    # the empty caption (p=0.9) would win every search: it is ruled out, "A" is the best left
+    model = MarkovCaptioner({START: {END: 0.9, A: 0.1}, A: {END: 1.0}})
+    features = torch.zeros(2, 4)
+    assert greedy(model, features, START, END) == [[A], [A]]
+    for beam in (2, 3):
+        assert beam_search(model, features, START, END, beam=beam) == [[A], [A]]
 
 
 @pytest.mark.parametrize("beam", [2, 3, 5])
@@ -114,7 +124,8 @@ def test_beam_score_never_worse_than_greedy(beam):
 
 
 def per_image_beam(model, feature, start_id, end_id, beam, max_len, alpha):
-    """The per-image beam search légende used before the batched one, kept as the oracle."""
+    """The per-image beam search légende used before the batched one, kept as the oracle (with the
+    rule added since: <end> cannot be the first word)."""
     h, c = model.init_state(feature)  # (L, 1, H)
     state = (h.repeat(1, beam, 1), c.repeat(1, beam, 1))  # (L, beam, H)
     tokens = torch.full((beam,), start_id, dtype=torch.long)
@@ -123,8 +134,10 @@ def per_image_beam(model, feature, start_id, end_id, beam, max_len, alpha):
     scores[0] = 0.0
     seqs: list[list[int]] = [[] for _ in range(beam)]
     finished: list[tuple[float, list[int]]] = []
-    for _ in range(max_len):
+    for t in range(max_len):
         logprobs, state = model.step(tokens, state)  # (beam, V)
+        if t == 0:
+            logprobs[:, end_id] = float("-inf")
         vocab = logprobs.size(1)
         total = (scores[:, None] + logprobs).reshape(-1)  # (beam * V,)
         top_scores, top_idx = total.topk(min(2 * beam, total.numel()))
