@@ -158,11 +158,12 @@ def synth(outdir, n, seed, size):
 @click.option(
     "--maps",
     type=click.Choice(["none", "centre", "all"]),
-    default="none",
+    default="centre",
     is_flag=False,
     flag_value="all",
-    help="Also keep the CNN's 8x8 feature maps, for `train --decoder attention`: of every crop (--maps, "
-    "--maps all) or of the centre crop only (--maps centre, a K-th of the disk).",
+    show_default=True,
+    help="Also keep the CNN's 8x8 feature maps, which the attention decoder reads: of the centre crop "
+    "(0.26 MB an image), of every crop (--maps all, K times that), or none (pooled vectors only).",
 )
 @click.option(
     "--view",
@@ -250,7 +251,12 @@ def featurize(
     "--members", type=int, default=None, help="Train an ensemble of this many decoders that differ only in seed."
 )
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
-@click.option("--epochs", type=int, default=None, help="Epochs in total for this phase [default: 40 decoder, 1 joint].")
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="Epochs in total for this phase [default: 12 attention decoder, 40 pooled, 1 joint, 10 scst].",
+)
 @click.option("--batch-size", type=int, default=None, help="Captions per batch [default: 32].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate of the decoder [default: 3e-4].")
 @click.option("--dropout", type=float, default=None, help="Dropout on projections and embeddings [default: 0.2].")
@@ -283,7 +289,7 @@ def featurize(
     "--select-by",
     type=click.Choice(["loss", "cider"]),
     default=None,
-    help="Validation score that picks best.pt [default: loss].",
+    help="Validation score that picks best.pt [default: cider for the attention decoder, loss for the pooled].",
 )
 @click.option(
     "--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM."

@@ -12,9 +12,11 @@ images and crop count.
 At the end the two centre-crop features of every image are compared (cosine), to show both
 ways compute the same thing.
 
-Two more `featurize` variants run on the same images: `--maps all` (the attention decoder's
-feature maps kept too: what writing 64x more data costs) and `--view full` (one CNN pass over
-the whole 356 resize per image, the K crops pooled from its 9x9 map). Each row gives crops/s
+The first `featurize` row keeps the pooled vectors only (`--maps none`); three more variants
+run on the same images: `--maps centre` (the default: the centre crop's feature map kept too,
+for the attention decoder), `--maps all` (every crop's: what writing 64x more data costs) and
+`--view full` (one CNN pass over the whole 356 resize per image, the K crops pooled from its 9x9
+map). Each row gives crops/s
 (a full view's "crops" are its K boxes), the speed-up over naive and the store's size.
 """
 
@@ -116,7 +118,8 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="legende-bench-") as tmp:
         tmp = Path(tmp)
         if args.images:
-            paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.n]
+            # absolute: the manifest's relative paths are relative to its WORKDIR, not to here
+            paths = sorted(p for p in args.images.resolve().iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.n]
         else:
             (tmp / "images").mkdir()
             paths = synthetic_photos(tmp / "images", args.n)
@@ -132,15 +135,20 @@ def main(args: argparse.Namespace) -> None:
             f"{n_crops / t_naive:6.1f} crops/s  ({t_naive:.1f} s)",
             flush=True,
         )
-        t_pipe, f_pipe, precision, size = pipelined(paths, tmp / "work", args)
+        t_pipe, f_pipe, precision, size = pipelined(paths, tmp / "work", args, maps="none")
         print(
-            f"featurize ({precision}, batch {args.batch_size}, channels_last, {args.workers} workers):   "
+            f"featurize --maps none ({precision}, batch {args.batch_size}, channels_last, {args.workers} workers): "
             f"{n_crops / t_pipe:6.1f} crops/s  ({t_pipe:.1f} s)  store {size / 1e6:.1f} MB"
         )
         print(f"speed-up: {t_naive / t_pipe:.2f}x")
         cosine = F.cosine_similarity(torch.from_numpy(f_naive), torch.from_numpy(f_pipe), dim=1)
         print(f"centre-crop features, featurize vs naive: cosine min {cosine.min():.5f}")
-        for name, variant in (("--maps all", {"maps": "all"}), ("--view full", {"view": "full"})):
+        variants = (
+            ("--maps centre", {"maps": "centre"}),  # the default
+            ("--maps all", {"maps": "all"}),
+            ("--view full", {"view": "full", "maps": "none"}),
+        )
+        for name, variant in variants:
             t, f, _, size = pipelined(paths, tmp / name.replace(" ", "_").strip("-"), args, **variant)
             cosine = F.cosine_similarity(torch.from_numpy(f_naive), torch.from_numpy(f), dim=1)
             print(

@@ -56,7 +56,7 @@ class TrainConfig:
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
 # Each decoder's own defaults, measured by cross-validation (docs/quality.md): the attention
 # decoder peaks earlier, and its best epoch is found by validation CIDEr-D.
-DECODER_DEFAULTS = {"pooled": {}, "attention": {"epochs": 20, "select_by": "cider"}}
+DECODER_DEFAULTS = {"pooled": {}, "attention": {"epochs": 12, "select_by": "cider"}}
 TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 
 

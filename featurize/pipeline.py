@@ -77,7 +77,7 @@ def featurize(
     resize: int = 356,
     crop_size: int = 299,
     chunk_rows: int | None = None,
-    maps: str = "none",
+    maps: str = "centre",
     view: str = "crops",
 ) -> Path:
     """Build (or with `resume`, complete) WORKDIR/features/<encoder>-<weights>.h5; returns its path.

@@ -56,8 +56,9 @@ def featurized(tmp_path_factory) -> Path:
     run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
     run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
     run_cli(
-        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96, "--crop-size", 80
-    )
+        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96,
+        "--crop-size", 80, "--maps", "none",
+    )  # fmt: skip
     return root / "work"
 
 

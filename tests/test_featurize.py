@@ -38,6 +38,7 @@ SMALL = {
     "workers": 0,
     "batch_size": 4,
     "precision": "fp32",
+    "maps": "none",
 }
 
 
@@ -187,6 +188,8 @@ def cli(work: Path, *extra: str) -> list[str]:
         "1",
         "--precision",
         "fp32",
+        "--maps",
+        "none",
         *extra,
     ]
 
