@@ -64,8 +64,8 @@ from store.files import atomic_write_bytes, commit, safe_write
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
-# What attributes added by a later schema mean in a store written before them.
-SCHEMA1_DEFAULTS = {"schema_version": SCHEMA_VERSION, "view": "crops", "maps_crops": 0, "map_size": 0}
+# What the attributes schema 2 added mean where a store (schema 1) or a writer does not give them.
+SCHEMA_DEFAULTS = {"schema_version": SCHEMA_VERSION, "view": "crops", "maps_crops": 0, "map_size": 0}
 FEATURES_DIR = "features"
 # What the features mean: a run records these of the store it trained on, and refuses another store
 # that differs (another CNN, other crops, other images).
@@ -269,7 +269,7 @@ class StoreWriter:
         self, path: Path, attrs: dict, paths: list[str], *, resume: bool, overwrite: bool, follower: bool = False
     ) -> None:
         self.path = Path(path)
-        self.attrs = {"schema_version": SCHEMA_VERSION, **attrs}
+        self.attrs = {**SCHEMA_DEFAULTS, **attrs}  # a writer that names no view or maps writes neither
         self.maps_crops, self.regions = int(self.attrs["maps_crops"]), int(self.attrs["map_size"]) ** 2
         self.paths = list(paths)
         self.num_rows = len(self.paths)
@@ -459,7 +459,7 @@ def _without(keys: tuple[str, ...], key: str) -> tuple[str, ...]:
 def upgraded(attrs: dict) -> dict:
     """A store's attributes in the current schema: a schema 1 store is one without maps."""
     if attrs.get("schema_version") == 1:
-        return {**attrs, **SCHEMA1_DEFAULTS}
+        return {**attrs, **SCHEMA_DEFAULTS}
     return attrs
 
 

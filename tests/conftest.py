@@ -57,7 +57,7 @@ def featurized(tmp_path_factory) -> Path:
     run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
     run_cli(
         "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 96,
-        "--crop-size", 80, "--maps", "none",
+        "--crop-size", 80, "--maps", "none", "--precision", "fp32",
     )  # fmt: skip
     return root / "work"
 

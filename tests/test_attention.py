@@ -127,7 +127,7 @@ def test_an_attention_checkpoint_refuses_a_store_without_maps(mapped, tmp_path):
     run_cli("train", work, "--run", run, "--epochs", 1, *ATTENTION)
     run_cli(
         "featurize", work, "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150, "--crop-size", 139,
-        "--overwrite",
+        "--maps", "none", "--overwrite",
     )  # the same images and crops, now without maps  # fmt: skip
     line = one_line_error(CliRunner().invoke(main, ["evaluate", str(run), "--split", "val"]))
     assert "attention decoder" in line and "--maps" in line
@@ -242,3 +242,21 @@ def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featuri
     run_cli("train", featurized, "--run", tmp_path / "p", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["model"]["decoder"] == "pooled" and config["train"]["select_by"] == "loss"
+
+
+def test_maps_from_disk_give_the_batches_of_maps_in_memory(mapped):
+    from decoder import data as D
+    from decoder.train import FeatureData, TrainConfig
+    from store.manifest import read_manifest
+    from store.text import Vocabulary
+
+    records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
+    with FeatureStore.open(find_store(mapped)) as store:
+        usable = np.asarray(store.done, dtype=bool)
+        train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
+        cfg = TrainConfig(workdir=str(mapped), store=str(store.path), batch_size=8)
+        in_ram = FeatureData(store, train, val, cfg, maps=True)
+        from_disk = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}), maps=True)
+        assert isinstance(in_ram.source, D.InMemoryMaps) and isinstance(from_disk.source, D.StreamingMaps)
+        for (fa, ca), (fb, cb) in zip(in_ram.train_batches(1, 0), from_disk.train_batches(1, 0), strict=True):
+            assert fa.shape[1:] == (9, 2048) and torch.equal(fa, fb) and torch.equal(ca, cb)
