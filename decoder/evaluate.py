@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from decoder.captioners import check_store_serves, reads_maps
+from decoder.data import centre_inputs
 from decoder.inference import LoadedCaptioner, encode_photos, generate
 from decoder.metrics import score_captions
 from store.errors import UserError
@@ -45,14 +46,11 @@ def split_features(
         kept = [i for i in rows if done[i]]
         if not kept:
             return [], torch.zeros(0)
-        if not reads_maps(loaded.state["config"]["model"]):
-            block = store.read(np.asarray(kept)).astype(np.float32)  # (n, K, D)
-            return kept, torch.from_numpy(block.mean(1) if tta else block[:, 0])
-        if not tta:  # the centre crop's map only: a block of every crop's maps is K times the memory
-            return kept, torch.from_numpy(
-                store.read_maps(np.asarray(kept), np.zeros(len(kept), np.int64)).astype(np.float32)
-            )
-        return kept, torch.from_numpy(store.read_maps(np.asarray(kept)).astype(np.float32).mean(1))
+        maps = reads_maps(loaded.state["config"]["model"])
+        if not tta:
+            return kept, centre_inputs(store, kept, maps)
+        block = store.read_maps(np.asarray(kept)) if maps else store.read(np.asarray(kept))  # (n, K[m], ...)
+        return kept, torch.from_numpy(block.astype(np.float32).mean(1))
 
 
 def evaluate_run(

@@ -84,13 +84,6 @@ class FeatureData:
         return D.eval_batches(self.val, self.source)
 
 
-def centre_inputs(store: FeatureStore, rows: list[int], maps: bool) -> torch.Tensor:
-    """The centre crop's pooled features (n, D), or with `maps` its regions (n, R, D), as float32."""
-    if maps:
-        return torch.from_numpy(store.read_maps(np.asarray(rows), np.zeros(len(rows), np.int64)).astype(np.float32))
-    return torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))
-
-
 def val_cider_score(model, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
     """A function giving minus the validation CIDEr-D of greedy captions (lower is better, like a loss).
 
@@ -101,7 +94,7 @@ def val_cider_score(model, vocab: Vocabulary, store: FeatureStore, records: list
     from decoder.search import greedy
 
     rows = [i for i, r in enumerate(records) if r.split == "val" and usable[i]]
-    features = centre_inputs(store, rows, reads_maps(model.config))  # (n, D) or (n, R, D)
+    features = D.centre_inputs(store, rows, reads_maps(model.config))  # (n, D) or (n, R, D)
     references = {records[i].id: records[i].captions for i in rows}
 
     def score(_val_loss: float) -> float:
