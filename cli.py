@@ -78,18 +78,39 @@ def main(threads: int | None) -> None:
 @click.option("--revision", default=None, help="Revision (branch, tag, commit) of the --hf dataset.")
 @click.option("--image-column", default=None, help="CSV/parquet column holding image paths.")
 @click.option("--caption-column", default=None, help="CSV/parquet column holding captions.")
-@click.option("--split", "split", default="70/15/15", help="train/val/test percentages, by image.")
-@click.option("--seed", default=0, help="Seed of the split.")
+@click.option("--split", "split", default=None, help="train/val/test percentages, by image [default: 70/15/15].")
+@click.option(
+    "--split-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A CSV of image,split (train, val or dev, test) to follow instead of a random split; "
+    "images it does not list are left out.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the random split [default: 0].")
 @click.option("--min-word-count", default=5, help="Words seen fewer times in train become <unk>.")
 @click.option("--max-length", default=50, help="Captions with more tokens are dropped.")
 @user_errors
-def prepare(source, workdir, hf_name, revision, image_column, caption_column, split, seed, min_word_count, max_length):
+def prepare(
+    source,
+    workdir,
+    hf_name,
+    revision,
+    image_column,
+    caption_column,
+    split,
+    split_file,
+    seed,
+    min_word_count,
+    max_length,
+):
     """Clean, split and tokenise a captioned image dataset into WORKDIR.
 
     SOURCE is a folder or file: a CSV of (caption, image path), Flickr8k's captions.txt or
-    Flickr8k.token.txt, or parquet files as Hugging Face writes them.
+    Flickr8k.token.txt, Karpathy's dataset_*.json (captions and split), or parquet files as
+    Hugging Face writes them.
 
-    Example: python cli.py prepare data/synth --out data/work
+    Example: python cli.py prepare data/synth --out data/work, or with a given split
+    python cli.py prepare flickr8k/ --split-file flickr8k/split.csv --out data/f8k
     """
     from prepare.dataset import prepare as run_prepare
     from prepare.dataset import print_summary
@@ -102,6 +123,7 @@ def prepare(source, workdir, hf_name, revision, image_column, caption_column, sp
         image_column=image_column,
         caption_column=caption_column,
         split=split,
+        split_file=split_file,
         seed=seed,
         min_word_count=min_word_count,
         max_length=max_length,
@@ -290,6 +312,12 @@ def featurize(
     type=click.Choice(["loss", "cider"]),
     default=None,
     help="Validation score that picks best.pt [default: cider for the attention decoder, loss for the pooled].",
+)
+@click.option(
+    "--group-by-photo/--no-group-by-photo",
+    default=None,
+    help="Attention decoder: batches keep each photo's captions together, so its map is read and projected "
+    "once, not once per caption [default: on].",
 )
 @click.option(
     "--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM."

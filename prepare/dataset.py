@@ -3,14 +3,15 @@
     python cli.py prepare data/synth --out data/work --min-word-count 2
 
 Steps: read rows (`prepare.sources`), clean each caption, group captions by image, check that
-every image decodes, split by image, build the vocabulary from train, write the report.
+every image decodes, split by image (or follow a given split, `prepare.splits`), build the
+vocabulary from train, write the report.
 No bad row stops the run: each dropped caption or image is listed in the report with its
 rule and reason. Only a source that yields nothing usable is a `UserError`.
 
 Determinism: images are sorted by id, shuffled with `random.Random(seed)` and cut into
-train/val/test; the manifest lists the images **sorted by id** (splits interleaved), so the
-row order of the feature store does not depend on the split seed. Same input and seed give a
-byte-identical manifest.
+train/val/test (a given split needs no seed); the manifest lists the images **sorted by id**
+(splits interleaved), so the row order of the feature store does not depend on the split. Same
+input and seed give a byte-identical manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from prepare.sources import open_source
+from prepare.splits import GivenSplit, Matched, match, read_split_file
 from store.errors import UserError
 from store.files import atomic_write_bytes, fsync_dir, remove_stale_temporaries
 from store.images import ImageError, open_image
@@ -39,6 +41,7 @@ from store.text import Vocabulary, tokenize
 REPEAT_RUN = 3  # a token this many times in a row makes a caption degenerate ("kettle kettle kettle")
 DOMINANT_MIN_TOKENS = 4  # from this length, one word making up half the caption is degenerate
 STAGING = ".prepare"  # WORKDIR/.prepare.tmp<pid>/: the outputs while they are being written
+DEFAULT_SPLIT, DEFAULT_SEED = "70/15/15", 0
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -111,27 +114,48 @@ def prepare(
     revision: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
-    split: str = "70/15/15",
-    seed: int = 0,
+    split: str | None = None,
+    split_file: Path | None = None,
+    seed: int | None = None,
     min_word_count: int = 5,
     max_length: int = 50,
     console=None,
 ) -> dict:
     """Clean, split and tokenise SOURCE into WORKDIR; returns the report (also written as JSON).
 
-    `console` (a rich Console) shows progress while images are checked.
+    The split is `split` percentages (default 70/15/15) shuffled by `seed` (default 0), or the
+    one `split_file` or a Karpathy json source gives; `split` or `seed` given beside a given
+    split is refused, as an option that would not apply. `console` (a rich Console) shows
+    progress while images are checked.
     """
-    fractions = parse_split(split)
+    if split_file is not None and split is not None:
+        raise UserError("--split and --split-file do not go together: the split file gives each image its split")
+    fractions = parse_split(DEFAULT_SPLIT if split is None else split)
     if min_word_count < 1:
         raise UserError("--min-word-count must be at least 1")
     if max_length < 1:
         raise UserError("--max-length must be at least 1")
+    given = read_split_file(split_file) if split_file is not None else None
+    if given is not None and seed is not None:
+        raise UserError("--seed does not apply with --split-file: the split file gives each image its split")
     workdir = Path(workdir)
     src = open_source(
         source, workdir, hf=hf, revision=revision, image_column=image_column, caption_column=caption_column
     )
+    if given is None and src.split is not None:
+        for option, value in (("--split", split), ("--seed", seed)):
+            if value is not None:
+                raise UserError(
+                    f"{option} does not apply: {src.split.source} gives each image its split "
+                    "(--split-file FILE gives another)"
+                )
+        given = src.split
+    elif given is not None and src.split is not None:
+        src.notes.append(f"the split of {src.split.source} was not used: --split-file {split_file} replaces it")
+    seed = DEFAULT_SEED if seed is None and given is None else seed
 
     images: dict[Path, tuple[str, str]] = {}  # path -> (id, where first named)
+    known: dict[str, set[str]] = {}  # every image id the source names -> the paths it wrote for it
     captions: dict[Path, list[str]] = {}  # path -> cleaned captions, in row order
     seen: dict[Path, set[str]] = {}  # the same, as sets: a list lookup per row is quadratic
     dropped_captions: list[dict] = []
@@ -142,6 +166,10 @@ def prepare(
         if row.rule and not row.image:
             dropped_captions.append(_entry(row.image, row.where, row.rule, row.reason, row.caption))
             continue
+        if given is not None:
+            names = known.setdefault(row.image, set())
+            if row.written and row.written not in names:
+                names.add(row.written)
         if row.rule:
             _drop_image(dropped_images, row.image, row.where, row.rule, row.reason)
             continue
@@ -159,10 +187,16 @@ def prepare(
             kept.append(cleaned)
             kept_set.add(cleaned)
 
+    matched = match(given, known) if given is not None else None
+    todo = sorted(images.items(), key=lambda kv: kv[1][0])
+    if matched is not None:  # images the split leaves out are not decoded
+        for path, (image_id, where) in todo:
+            if image_id not in matched.splits:
+                reason = f"not in the split of {Path(given.source).name}"
+                _drop_image(dropped_images, image_id, where, "not_in_split", reason, captions=len(captions[path]))
+        todo = [(path, named) for path, named in todo if named[0] in matched.splits]
     checked = []
-    for path, (image_id, where) in _progress(
-        sorted(images.items(), key=lambda kv: kv[1][0]), "checking images", console
-    ):
+    for path, (image_id, where) in _progress(todo, "checking images", console):
         problem = ("no_caption", "every caption was dropped") if not captions[path] else image_problem(path)
         if problem:
             _drop_image(dropped_images, image_id, where, *problem, captions=len(captions[path]))
@@ -171,14 +205,19 @@ def prepare(
     if not checked:
         raise UserError(_nothing_left(src.description, rows_read, dropped_images, dropped_captions))
 
-    assignment = split_images([image_id for image_id, _ in checked], fractions, seed)
+    if matched is not None:
+        assignment = matched.splits
+    else:
+        assignment = split_images([image_id for image_id, _ in checked], fractions, seed)
     records = [
         Record(id=image_id, path=str(path), split=assignment[image_id], captions=captions[path])
         for image_id, path in checked
     ]
     by_split = {name: [r for r in records if r.split == name] for name in SPLITS}
+    if not by_split["train"] and given is not None:
+        raise UserError(f"none of the {len(records)} usable image(s) is in the train split of {given.source}")
     if not by_split["train"]:
-        raise UserError(f"{len(records)} usable image(s) leave none for training with --split {split}")
+        raise UserError(f"{len(records)} usable image(s) leave none for training with --split {split or DEFAULT_SPLIT}")
     vocab = Vocabulary.build((c.split() for r in by_split["train"] for c in r.captions), min_count=min_word_count)
 
     report = {
@@ -186,7 +225,8 @@ def prepare(
         "workdir": str(workdir),
         "files": {"manifest": MANIFEST_NAME, "vocab": VOCAB_NAME, "report": REPORT_NAME},
         "settings": {
-            "split": split,
+            "split": None if given is not None else split or DEFAULT_SPLIT,
+            "split_file": None if split_file is None else str(split_file),
             "seed": seed,
             "min_word_count": min_word_count,
             "max_length": max_length,
@@ -198,6 +238,7 @@ def prepare(
             name: {"images": len(members), "captions": sum(len(r.captions) for r in members)}
             for name, members in by_split.items()
         },
+        "given_split": None if given is None else _given_split_report(given, matched, dropped_images),
         "vocabulary": {
             "size": len(vocab),
             "min_word_count": min_word_count,
@@ -233,6 +274,19 @@ def _write_outputs(workdir: Path, records: list[Record], vocab: Vocabulary, repo
         os.replace(staging / name, workdir / name)
     staging.rmdir()
     fsync_dir(workdir)  # make the renames durable
+
+
+def _given_split_report(given: GivenSplit, matched: Matched, dropped_images: dict[str, dict]) -> dict:
+    """What the given split said, and what of it could not be followed."""
+    listed = {name: sum(e.split == name for e in given.entries) for name in SPLITS}
+    left_out = [e for e in dropped_images.values() if e["rule"] == "not_in_split"]
+    return {
+        "source": given.source,
+        "entries": len(given.entries),
+        "listed": listed,
+        "unmatched_entries": matched.unmatched,
+        "images_not_in_split": len(left_out),
+    }
 
 
 def _entry(image: str, where: str, rule: str, reason: str, caption: str) -> dict:
@@ -286,6 +340,14 @@ def print_summary(report: dict, console) -> None:
         style="bold",
     )
     console.print(splits)
+    given = report.get("given_split")
+    if given:
+        listed = ", ".join(f"{name} {n}" for name, n in given["listed"].items())
+        console.print(
+            f"split given by {given['source']}: {given['entries']} entries ({listed}); "
+            f"{len(given['unmatched_entries'])} name no image of the source, "
+            f"{given['images_not_in_split']} image(s) it does not mention were left out"
+        )
 
     vocab = report["vocabulary"]
     coverage = vocab["val_token_coverage"]
@@ -296,6 +358,7 @@ def print_summary(report: dict, console) -> None:
     )
 
     dropped = [("image", e) for e in report["dropped_images"]] + [("caption", e) for e in report["dropped_captions"]]
+    dropped += [("split entry", e) for e in (given or {}).get("unmatched_entries", [])]
     if dropped:
         table = Table(title="dropped", title_justify="left")
         for column in ("what", "rule", "count", "example"):
@@ -305,7 +368,7 @@ def print_summary(report: dict, console) -> None:
             groups.setdefault((what, entry["rule"]), []).append(entry)
         for (what, rule), entries in groups.items():
             first = entries[0]
-            named = first["image"] if what == "image" else repr(first["caption"][:60])
+            named = repr(first["caption"][:60]) if what == "caption" else first["image"]
             example = f"{first['where']}: {named} ({first['reason']})"
             table.add_row(what, rule, str(len(entries)), example)
         console.print(table)

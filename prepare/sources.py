@@ -5,6 +5,9 @@ Supported sources:
   (caption, image path), any header with recognisable column names, or columns named with
   `--image-column` / `--caption-column`; several rows (captions) per image;
 - Flickr8k's `captions.txt` (`image,caption`) and `Flickr8k.token.txt` (`image#n<TAB>caption`);
+- Karpathy's `dataset_*.json` (`{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`), the
+  split every published Flickr8k/Flickr30k/COCO number uses: a caption source that also gives
+  the split (`prepare.splits`);
 - parquet files as Hugging Face writes them: an image struct {bytes, path} plus a text column
   (`yuvalkirstain/pexel_images_lots_with_generated_captions`: `image`, `text`,
   `generated_caption`); the image bytes are extracted into `WORKDIR/images/`;
@@ -19,14 +22,17 @@ large CSV or a 2 GB parquet dataset is never held in memory at once.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from prepare.splits import GivenSplit, SplitEntry, split_name
 from store.errors import UserError
 from store.files import remove_stale_temporaries_in
 from store.images import IMAGE_EXTENSIONS
@@ -49,6 +55,7 @@ IMAGE_COLUMNS = (
 CAPTION_COLUMNS = ("caption", "captions", "text", "comment", "description", "sentence", "raw", "generated_caption")
 # Caption files looked for by name (case-insensitive) when SOURCE is a folder.
 CAPTION_FILES = ("captions.csv", "captions.txt", "captions.tsv", "flickr8k.token.txt", "results.csv")
+KARPATHY_FILES = "dataset_*.json"  # dataset_flickr8k.json, dataset_coco.json, ...
 IMAGES_DIR = "images"
 
 _FLICKR_SUFFIX = re.compile(r"(\.[A-Za-z]+)#\d+$")  # "1000268201_693b08cb0e.jpg#0"
@@ -61,7 +68,8 @@ class Row:
     `image` is the image's id (its path relative to the dataset folder) and `path` the absolute
     path of the file, which may not exist: `prepare.dataset` checks that. `rule` and `reason` are
     set when the reader already knows the row is unusable; `image` is then empty if the line
-    itself could not be parsed.
+    itself could not be parsed. `written` is the image's path as the source wrote it, which a
+    given split may name it by.
     """
 
     image: str
@@ -70,15 +78,18 @@ class Row:
     where: str
     rule: str = ""
     reason: str = ""
+    written: str = ""
 
 
 @dataclass
 class Source:
-    """A readable source: its rows (a one-shot iterator) and notes the reader adds while reading."""
+    """A readable source: its rows (a one-shot iterator), notes the reader adds while reading, and
+    the split it gives, if it gives one (Karpathy's json)."""
 
     description: str
     rows: Iterator[Row]
     notes: list[str] = field(default_factory=list)
+    split: GivenSplit | None = None
 
 
 def open_source(
@@ -115,14 +126,25 @@ def open_source(
     if source.is_file():
         if source.suffix.lower() == ".parquet":
             return _parquet_source([source], workdir, str(source), image_column, caption_column)
+        if source.suffix.lower() == ".json":
+            return _karpathy_source(source, source.parent)
         return _text_source(source, source.parent, image_column, caption_column)
+    karpathy = sorted(p for p in source.glob(KARPATHY_FILES) if p.is_file())
+    if karpathy:
+        captions = [p for p in source.iterdir() if p.is_file() and p.name.lower() in CAPTION_FILES]
+        if len(karpathy) > 1 or captions:
+            names = ", ".join(p.name for p in sorted(captions) + karpathy)
+            raise UserError(f"several caption files in {source} ({names}): pass the one to read as SOURCE")
+        return _karpathy_source(karpathy[0], source)
     captions_file = find_captions_file(source)
     if captions_file is not None:
         return _text_source(captions_file, source, image_column, caption_column)
     files = parquet_files(source)
     if files:
         return _parquet_source(files, workdir, str(source), image_column, caption_column)
-    raise UserError(f"no caption file ({', '.join(CAPTION_FILES)}, *.csv) or parquet files in {source}")
+    raise UserError(
+        f"no caption file ({', '.join(CAPTION_FILES)}, {KARPATHY_FILES}, *.csv) or parquet files in {source}"
+    )
 
 
 def find_captions_file(folder: Path) -> Path | None:
@@ -205,11 +227,11 @@ class PathResolver:
         """A Row (caption and where left empty) with the image id and path, or the refusal."""
         found = self._cache.get(written)
         if found is None:
-            found = self._cache[written] = self._resolve(written)
+            text = _FLICKR_SUFFIX.sub(r"\1", str(written).strip().replace("\\", "/"))
+            found = self._cache[written] = dataclasses.replace(self._resolve(text), written=text)
         return found
 
-    def _resolve(self, written: str) -> Row:
-        text = _FLICKR_SUFFIX.sub(r"\1", str(written).strip().replace("\\", "/"))
+    def _resolve(self, text: str) -> Row:
         if not text:
             return Row("", None, "", "", "no_image", "no image path")
         written_path = PurePosixPath(text)
@@ -220,18 +242,18 @@ class PathResolver:
         for path in inside:
             try:
                 if path.exists():
-                    return self._row(path)
+                    return self._row(path, text)
             except OSError as e:  # a name longer than the file system allows
                 return Row(text, None, "", "", "bad_path", f"unusable path: {e.strerror or e}")
         if len(written_path.parts) == 1:
             hits = self._index().get(text, [])
             if len(hits) == 1:
-                return self._row(hits[0])
+                return self._row(hits[0], text)
             if len(hits) > 1:
                 return Row(text, None, "", "", "ambiguous", f"{len(hits)} files named {text} under {self.root}")
-        return self._row(inside[0])  # missing: prepare reports it with the path tried
+        return self._row(inside[0], text)  # missing: prepare reports it with the path tried
 
-    def _row(self, path: Path) -> Row:
+    def _row(self, path: Path, text: str) -> Row:
         return Row(path.relative_to(self.root).as_posix(), path, "", "")
 
     def _inside(self, path: Path) -> bool:
@@ -324,7 +346,7 @@ def _text_row(
             "", None, delimiter.join(cells), where, "malformed", f"{len(cells)} fields where the file has {ncols}"
         )
     found = resolver.resolve(cells[img_idx])
-    return Row(found.image, found.path, cells[cap_idx].strip(), where, found.rule, found.reason)
+    return Row(found.image, found.path, cells[cap_idx].strip(), where, found.rule, found.reason, found.written)
 
 
 def _decoded_lines(f, path: Path, notes: list[str]) -> Iterator[str]:
@@ -409,6 +431,73 @@ def _layout(
     raise UserError(f"{path}: no recognisable {missing} column (first line: {shown}); name it with --{missing}-column")
 
 
+# --- Karpathy's dataset_*.json -----------------------------------------------------------------
+
+
+def _karpathy_source(path: Path, root: Path) -> Source:
+    """Captions and split of a Karpathy json; images are found like Flickr8k's (beside the json,
+    or by file name anywhere under `root`: `Flicker8k_Dataset/`, `images/`)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise UserError(f'{path}: not a Karpathy dataset file (no "images" list of filename, split, sentences)')
+    entries = []
+    for i, item in enumerate(images):
+        written = _karpathy_path(item)
+        if written:  # an entry without a file name is a malformed row, reported by the reader
+            where = f"{path.name}:images[{i}]"
+            entries.append(SplitEntry(written, split_name(item.get("split"), written, where), where))
+    name = data.get("dataset") if isinstance(data.get("dataset"), str) else "Karpathy"
+    source = Source(f"{path} ({name}, with its split)", iter(()), split=GivenSplit(str(path), entries))
+    source.rows = _karpathy_rows(images, path.name, PathResolver(root, path.parent))
+    return source
+
+
+def _karpathy_path(item) -> str:
+    """`filepath/filename` (COCO's `val2014/...`), or `filename`; "" when there is none."""
+    if not isinstance(item, dict) or not isinstance(item.get("filename"), str) or not item["filename"].strip():
+        return ""
+    folder = item.get("filepath")
+    name = item["filename"].strip()
+    return f"{folder.strip().strip('/')}/{name}" if isinstance(folder, str) and folder.strip() else name
+
+
+def _karpathy_rows(images: list, name: str, resolver: PathResolver) -> Iterator[Row]:
+    for i, item in enumerate(images):
+        where = f"{name}:images[{i}]"
+        written = _karpathy_path(item)
+        if not written:
+            yield Row("", None, "", where, "malformed", "an image entry without a filename")
+            continue
+        found = resolver.resolve(written)
+        if not found.rule and not found.path.exists() and "/" in written:
+            # COCO's `val2014/` may not be the folder the images sit in here: look the name up
+            by_name = resolver.resolve(PurePosixPath(written).name)
+            if by_name.rule or by_name.path.exists():
+                found = dataclasses.replace(by_name, written=written)
+        sentences = item.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            yield Row(found.image, found.path, "", where, found.rule, found.reason, found.written)
+            continue
+        for sentence in sentences:
+            yield Row(found.image, found.path, _sentence(sentence), where, found.rule, found.reason, found.written)
+
+
+def _sentence(sentence) -> str:
+    """A sentence's `raw` text, else its `tokens` joined; "" (an empty caption) otherwise."""
+    if isinstance(sentence, str):
+        return sentence
+    if not isinstance(sentence, dict):
+        return ""
+    if isinstance(sentence.get("raw"), str):
+        return sentence["raw"]
+    tokens = sentence.get("tokens")
+    return " ".join(str(t) for t in tokens) if isinstance(tokens, list) else ""
+
+
 # --- parquet ------------------------------------------------------------------------------------
 
 
@@ -445,9 +534,8 @@ def _parquet_rows(
                 found = _parquet_image(image, out, resolver)
                 captions = caption if isinstance(caption, list) else [caption]
                 for text in captions:
-                    yield Row(
-                        found.image, found.path, "" if text is None else str(text), where, found.rule, found.reason
-                    )
+                    caption = "" if text is None else str(text)
+                    yield Row(found.image, found.path, caption, where, found.rule, found.reason, found.written)
 
 
 def _parquet_columns(schema, path: Path, image_column: str | None, caption_column: str | None) -> tuple[str, str]:
@@ -487,7 +575,7 @@ def _parquet_image(value, out: Path, resolver: PathResolver) -> Row:
         written = value
     if data:
         path = extract_image(bytes(data), out, written)
-        return Row(path.name, path, "", "")
+        return Row(path.name, path, "", "", written=str(written or ""))
     if written:
         return resolver.resolve(written)
     return Row("", None, "", "", "no_image", "no image bytes or path")

@@ -340,6 +340,262 @@ def test_parquet_source_extracts_images_into_workdir(tmp_path):
     assert all(r.captions[0].startswith("a red square") for r in records)
 
 
+# --- a given split: --split-file and Karpathy's dataset_*.json ----------------------------------
+
+
+def write_split(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def splits_of(workdir: Path) -> dict[str, str]:
+    return {r.id: r.split for r in read_manifest(workdir)}
+
+
+def test_split_file_is_followed_by_file_name_or_path_with_dev_as_val(dataset, tmp_path):
+    folder = dataset(5)  # captions.csv writes images/img00.png ...
+    split = write_split(
+        tmp_path / "split.csv",
+        [
+            "image,split",
+            "img00.png,train",
+            "images/img01.png,train",
+            "img02.png,dev",
+            "img03.png,val",
+            "img04.png,test",
+        ],
+    )
+    report = prepare(folder, tmp_path / "work", split_file=split, min_word_count=1)
+    assert splits_of(tmp_path / "work") == {
+        "images/img00.png": "train",
+        "images/img01.png": "train",
+        "images/img02.png": "val",
+        "images/img03.png": "val",
+        "images/img04.png": "test",
+    }
+    assert report["splits"] == {
+        "train": {"images": 2, "captions": 4},
+        "val": {"images": 2, "captions": 4},
+        "test": {"images": 1, "captions": 2},
+    }
+    assert report["given_split"] == {
+        "source": str(split),
+        "entries": 5,
+        "listed": {"train": 2, "val": 2, "test": 1},
+        "unmatched_entries": [],
+        "images_not_in_split": 0,
+    }
+    assert report["settings"]["split"] is None and report["settings"]["seed"] is None
+    assert report["settings"]["split_file"] == str(split) and report["dropped_images"] == []
+
+
+def test_split_file_without_header_or_with_tabs_and_extra_columns(dataset, tmp_path):
+    folder = dataset(3)
+    for name, lines in {
+        "plain.csv": ["img00.png,train", "img01.png,TRAIN", "img02.png,restval"],
+        "tabs.tsv": ["id\tfile\tsplit", "7\timg00.png\ttrain", "8\timg01.png\ttrain", "9\timg02.png\ttrain"],
+    }.items():
+        prepare(folder, tmp_path / "work", split_file=write_split(tmp_path / name, lines), min_word_count=1)
+        assert list(splits_of(tmp_path / "work").values()) == ["train"] * 3
+
+
+def test_split_rows_naming_no_image_and_images_it_does_not_mention_are_reported(dataset, tmp_path):
+    folder = dataset(4)
+    split = write_split(tmp_path / "split.csv", ["image,split", "img00.png,train", "img01.png,dev", "nope.jpg,test"])
+    report = prepare(folder, tmp_path / "work", split_file=split, min_word_count=1)
+    assert splits_of(tmp_path / "work") == {"images/img00.png": "train", "images/img01.png": "val"}
+    assert report["given_split"]["unmatched_entries"] == [
+        {
+            "image": "nope.jpg",
+            "where": "split.csv:4",
+            "rule": "unknown_image",
+            "reason": "names no image of the caption source",
+            "split": "test",
+        }
+    ]
+    assert report["given_split"]["images_not_in_split"] == 2
+    assert report["dropped_images"] == [
+        {
+            "image": f"images/img0{i}.png",
+            "where": f"captions.csv:{2 * i + 2}",
+            "rule": "not_in_split",
+            "reason": "not in the split of split.csv",
+            "captions": 2,
+        }
+        for i in (2, 3)
+    ]
+    assert report["splits"]["test"] == {"images": 0, "captions": 0}
+    out = io.StringIO()
+    print_summary(report, Console(file=out, width=300))
+    text = out.getvalue()
+    assert (
+        f"split given by {split}: 3 entries (train 1, val 1, test 1); 1 name no image of the source, 2 image(s)" in text
+    )
+    assert "split entry │ unknown_image │     1 │ split.csv:4: nope.jpg" in text
+
+
+def test_a_file_name_two_images_share_is_ambiguous(tmp_path, tiny_images, write_csv):
+    tiny_images(tmp_path / "data" / "one", ["a.png", "b.png"])
+    tiny_images(tmp_path / "data" / "two", ["a.png"])
+    rows = [["image", "caption"], ["one/a.png", "a red one"], ["two/a.png", "a blue one"], ["one/b.png", "a dog"]]
+    write_csv(tmp_path / "data" / "captions.csv", rows)
+    split = write_split(tmp_path / "split.csv", ["a.png,val", "b.png,train"])
+    report = prepare(tmp_path / "data", tmp_path / "work", split_file=split, min_word_count=1)
+    assert splits_of(tmp_path / "work") == {"one/b.png": "train"}
+    (entry,) = report["given_split"]["unmatched_entries"]
+    assert entry["rule"] == "ambiguous" and entry["reason"] == "2 images match it: one/a.png, two/a.png"
+    assert {e["image"]: e["rule"] for e in report["dropped_images"]} == {
+        "one/a.png": "not_in_split",
+        "two/a.png": "not_in_split",
+    }
+
+
+def test_a_split_file_with_train_and_dev_only_leaves_test_empty(dataset, tmp_path):
+    split = write_split(
+        tmp_path / "split.csv", ["image,split", *(f"img{i:02d}.png,{'dev' if i > 5 else 'train'}" for i in range(8))]
+    )
+    report = prepare(dataset(8), tmp_path / "work", split_file=split, min_word_count=1)
+    assert {s: v["images"] for s, v in report["splits"].items()} == {"train": 6, "val": 2, "test": 0}
+
+
+def test_vocabulary_comes_from_the_train_split_of_the_file(dataset, tmp_path):
+    split = write_split(
+        tmp_path / "split.csv", ["img00.png,train", "img01.png,train", "img02.png,dev", "img03.png,test"]
+    )
+    prepare(dataset(4), tmp_path / "work", split_file=split, min_word_count=1)
+    vocab = Vocabulary.load(tmp_path / "work" / VOCAB_NAME)
+    assert {"number0", "number1"} <= set(vocab.itos) and not {"number2", "number3"} & set(vocab.itos)
+
+
+def test_no_train_image_in_the_split_file_is_refused(dataset, tmp_path):
+    split = write_split(tmp_path / "split.csv", ["img00.png,dev", "img01.png,test"])
+    with pytest.raises(UserError, match=r"^none of the 2 usable image\(s\) is in the train split of "):
+        prepare(dataset(2), tmp_path / "work", split_file=split)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ["image,split", "img00.png,train", "img01.png,dev", "img00.png,test"],
+            "split.csv:4: img00.png is in two splits: train (split.csv:2) and test",
+        ),
+        (
+            ["image,split", "img00.png,train", "images/img00.png,dev"],
+            "split.csv:3: images/img00.png is in two splits: train (as img00.png, split.csv:2) and val",
+        ),
+        (
+            ["image,split", "img00.png,train", "img01.png,validation"],
+            "split.csv:3: unknown split 'validation' for img01.png "
+            "(expected train, restval, val, dev, test; dev means val, restval train)",
+        ),
+        (["img00.png,train", "img01.png"], "split.csv:2: 1 field(s) where the file has 2 (image,split)"),
+        (["image,split", ",train"], "split.csv:2: no image named"),
+        (["image,set,x", "img00.png,train,1"], "split.csv:1: expected image,split (a header naming a `split` column"),
+        (["image,split"], "--split-file {split} lists no images"),
+        ([], "--split-file {split} is empty"),
+    ],
+)
+def test_bad_split_files_are_one_line_naming_the_line(dataset, tmp_path, lines, message):
+    split = write_split(tmp_path / "split.csv", lines)
+    args = ["prepare", str(dataset(2)), "--out", str(tmp_path / "w"), "--split-file", str(split)]
+    assert one_line_error(CliRunner().invoke(main, args)).startswith("Error: " + message.format(split=split))
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--split", "70/15/15"], "--split and --split-file do not go together"),
+        (["--seed", "0"], "--seed does not apply with --split-file"),
+    ],
+)
+def test_options_of_the_random_split_are_refused_with_a_split_file(dataset, tmp_path, option, message):
+    split = write_split(tmp_path / "split.csv", ["img00.png,train"])
+    args = ["prepare", str(dataset(1)), "--out", str(tmp_path / "w"), "--split-file", str(split), *option]
+    assert one_line_error(CliRunner().invoke(main, args)).startswith("Error: " + message)
+
+
+def test_missing_split_file_is_one_line(dataset, tmp_path):
+    args = ["prepare", str(dataset(1)), "--out", str(tmp_path / "w"), "--split-file", str(tmp_path / "no.csv")]
+    assert one_line_error(CliRunner().invoke(main, args)) == f"Error: --split-file {tmp_path}/no.csv: no such file"
+
+
+def karpathy(folder: Path, images: list[dict], name: str = "dataset_flickr8k.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    return path
+
+
+def karpathy_image(name: str, split: str, *words: str) -> dict:
+    return {
+        "filename": name,
+        "split": split,
+        "sentences": [{"raw": f"A {w} here .", "tokens": ["a", w]} for w in words],
+    }
+
+
+def test_karpathy_json_gives_captions_and_split_with_restval_as_train(tmp_path, tiny_images):
+    data = tmp_path / "f8k"
+    tiny_images(data / "Flicker8k_Dataset", ["1.jpg", "2.jpg", "3.jpg", "4.jpg", "5.jpg"])
+    karpathy(
+        data,
+        [
+            karpathy_image("1.jpg", "train", "dog", "puppy"),
+            karpathy_image("2.jpg", "restval", "cat"),
+            karpathy_image("3.jpg", "val", "bird"),
+            karpathy_image("4.jpg", "test", "fish"),
+        ],
+    )
+    report = prepare(data, tmp_path / "work", min_word_count=1)
+    assert splits_of(tmp_path / "work") == {
+        "Flicker8k_Dataset/1.jpg": "train",
+        "Flicker8k_Dataset/2.jpg": "train",
+        "Flicker8k_Dataset/3.jpg": "val",
+        "Flicker8k_Dataset/4.jpg": "test",
+    }
+    assert read_manifest(tmp_path / "work")[0].captions == ["a dog here", "a puppy here"]
+    assert report["given_split"]["listed"] == {"train": 2, "val": 1, "test": 1}
+    assert report["source"] == f"{data}/dataset_flickr8k.json (flickr8k, with its split)"
+    assert Vocabulary.load(tmp_path / "work" / VOCAB_NAME).itos[4:] == ["a", "here", "cat", "dog", "puppy"]
+    # an image the json does not list (5.jpg) is simply not in the dataset: it names none
+    assert report["dropped_images"] == []
+
+
+def test_karpathy_bad_input_is_one_line(tmp_path, tiny_images):
+    tiny_images(tmp_path / "d", ["1.jpg", "2.jpg"])
+    cases = {
+        "unknown.json": (
+            [karpathy_image("1.jpg", "train", "dog"), karpathy_image("2.jpg", "holdout", "cat")],
+            "unknown.json:images[1]: unknown split 'holdout' for 2.jpg",
+        ),
+        "twice.json": (
+            [karpathy_image("1.jpg", "train", "dog"), karpathy_image("1.jpg", "test", "cat")],
+            "twice.json:images[1]: 1.jpg is in two splits: train (twice.json:images[0]) and test",
+        ),
+    }
+    for name, (images, message) in cases.items():
+        path = karpathy(tmp_path / "d", images, name)
+        result = CliRunner().invoke(main, ["prepare", str(path), "--out", str(tmp_path / "w")])
+        assert one_line_error(result).startswith("Error: " + message)
+    (tmp_path / "d" / "broken.json").write_text('{"images": [')
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "d" / "broken.json"), "--out", str(tmp_path / "w")])
+    assert one_line_error(result).startswith(f"Error: {tmp_path}/d/broken.json: not a readable JSON file")
+
+
+def test_karpathy_split_refuses_split_and_yields_to_a_split_file(tmp_path, tiny_images):
+    tiny_images(tmp_path / "d", ["1.jpg", "2.jpg"])
+    path = karpathy(tmp_path / "d", [karpathy_image("1.jpg", "train", "dog"), karpathy_image("2.jpg", "test", "cat")])
+    result = CliRunner().invoke(main, ["prepare", str(path), "--out", str(tmp_path / "w"), "--split", "70/15/15"])
+    assert one_line_error(result) == (
+        f"Error: --split does not apply: {path} gives each image its split (--split-file FILE gives another)"
+    )
+    split = write_split(tmp_path / "split.csv", ["1.jpg,train", "2.jpg,train"])
+    report = prepare(path, tmp_path / "w", split_file=split, min_word_count=1)
+    assert set(splits_of(tmp_path / "w").values()) == {"train"}
+    assert report["notes"] == [f"the split of {path} was not used: --split-file {split} replaces it"]
+
+
 # --- summary and command line ------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ source can be unusable."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -192,6 +193,80 @@ def test_bare_name_in_two_subfolders_is_ambiguous(tmp_path, tiny_images, write_c
     write_csv(tmp_path / "captions.csv", [["image", "caption"], ["a.png", "which one"]])
     rows, _ = read(tmp_path)
     assert rows[0].rule == "ambiguous"
+
+
+# --- Karpathy's dataset_*.json ------------------------------------------------------------------
+
+
+def write_karpathy(path: Path, images: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"dataset": "coco", "images": images}))
+    return path
+
+
+def test_karpathy_json_in_a_folder_finds_images_by_name_and_gives_the_split(tmp_path, tiny_images):
+    tiny_images(tmp_path / "Flicker8k_Dataset", ["1000_aa.jpg"])
+    tiny_images(tmp_path / "images" / "val2014", ["c.jpg"])
+    tiny_images(tmp_path / "images", ["d.jpg"])
+    write_karpathy(
+        tmp_path / "dataset_coco.json",
+        [
+            {"filename": "1000_aa.jpg", "split": "restval", "sentences": [{"raw": "A dog .", "tokens": ["a", "dog"]}]},
+            {"filepath": "val2014", "filename": "c.jpg", "split": "val", "sentences": [{"tokens": ["a", "cat"]}]},
+            {"filepath": "train2014", "filename": "d.jpg", "split": "test", "sentences": [{"raw": "A bird ."}]},
+            {"split": "train", "sentences": [{"raw": "no file"}]},
+        ],
+    )
+    src = open_source(tmp_path, tmp_path / "work")
+    rows = list(src.rows)
+    assert [(r.image, r.caption, r.written, r.where, r.rule) for r in rows] == [
+        ("Flicker8k_Dataset/1000_aa.jpg", "A dog .", "1000_aa.jpg", "dataset_coco.json:images[0]", ""),
+        ("images/val2014/c.jpg", "a cat", "val2014/c.jpg", "dataset_coco.json:images[1]", ""),
+        ("images/d.jpg", "A bird .", "train2014/d.jpg", "dataset_coco.json:images[2]", ""),  # found by name
+        ("", "", "", "dataset_coco.json:images[3]", "malformed"),
+    ]
+    assert src.description == f"{tmp_path}/dataset_coco.json (coco, with its split)"
+    assert [(e.image, e.split, e.where) for e in src.split.entries] == [
+        ("1000_aa.jpg", "train", "dataset_coco.json:images[0]"),
+        ("val2014/c.jpg", "val", "dataset_coco.json:images[1]"),
+        ("train2014/d.jpg", "test", "dataset_coco.json:images[2]"),
+    ]
+
+
+def test_a_caption_file_gives_no_split(tmp_path, tiny_images, write_csv):
+    tiny_images(tmp_path, ["a.png"])
+    write_csv(tmp_path / "captions.csv", [["image", "caption"], ["a.png", "a dog"]])
+    assert open_source(tmp_path, tmp_path / "work").split is None
+
+
+def test_karpathy_json_beside_another_caption_file_is_refused(tmp_path, tiny_images, write_csv):
+    tiny_images(tmp_path, ["a.png"])
+    write_csv(tmp_path / "captions.txt", [["image", "caption"], ["a.png", "a dog"]])
+    write_karpathy(tmp_path / "dataset_flickr8k.json", [])
+    with pytest.raises(UserError) as e:
+        read(tmp_path)
+    assert str(e.value) == (
+        f"several caption files in {tmp_path} (captions.txt, dataset_flickr8k.json): pass the one to read as SOURCE"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"images": [', "not a readable JSON file"),
+        ('{"annotations": []}', 'not a Karpathy dataset file (no "images" list of filename, split, sentences)'),
+        ('[{"filename": "a.png"}]', 'not a Karpathy dataset file (no "images" list'),
+        (
+            '{"images": [{"filename": "a.png"}]}',
+            "dataset_x.json:images[0]: no split for a.png (expected train, restval, val, dev, test",
+        ),
+    ],
+)
+def test_unusable_karpathy_json_is_one_user_error(tmp_path, content, message):
+    (tmp_path / "dataset_x.json").write_text(content)
+    with pytest.raises(UserError) as e:
+        read(tmp_path / "dataset_x.json")
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 # --- whole sources that cannot be used ---------------------------------------------------------
