@@ -210,12 +210,13 @@ class PathResolver:
     name not found there is looked up among the images anywhere under `root` (Flickr8k keeps
     its captions beside an `Images/` folder). Paths that escape `root` (`../../etc/passwd`, an
     absolute path elsewhere) are refused: a caption file from the internet must not make us
-    read arbitrary files. The check is on the written path, so a symlink inside `root` that
-    points elsewhere is allowed.
+    read arbitrary files. So is a symlink inside `root` whose target resolves outside it (a link
+    to `/etc/passwd`, or an `images` link to another disk: pass the real folder as SOURCE).
     """
 
     def __init__(self, root: Path, base: Path):
         self.root = Path(os.path.abspath(root))
+        self.real_root = Path(os.path.realpath(self.root))
         base = Path(os.path.abspath(base))
         self.bases = [base] if base == self.root else [base, self.root]
         self._by_name: dict[str, list[Path]] | None = None
@@ -254,6 +255,10 @@ class PathResolver:
         return self._row(inside[0], text)  # missing: prepare reports it with the path tried
 
     def _row(self, path: Path, text: str) -> Row:
+        real = Path(os.path.realpath(path))
+        if real != self.real_root and self.real_root not in real.parents:
+            reason = f"a symlink that resolves to {real}, outside the dataset folder {self.root}"
+            return Row(text, None, "", "", "outside_dataset", reason)
         return Row(path.relative_to(self.root).as_posix(), path, "", "")
 
     def _inside(self, path: Path) -> bool:

@@ -201,6 +201,24 @@ def test_every_kind_of_bad_image_is_dropped_with_a_reason(dataset, tmp_path):
     assert len(read_manifest(tmp_path / "work")) == 10
 
 
+def test_a_symlink_out_of_the_dataset_is_reported_as_outside_dataset_and_never_read(dataset, tmp_path):
+    folder = dataset(3, extra=[["stolen words", "images/passwd.png"]])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "images" / "passwd.png").symlink_to(secret)
+    report = prepare(folder, tmp_path / "work", min_word_count=1)
+    assert report["dropped_images"] == [
+        {
+            "image": "images/passwd.png",
+            "where": "captions.csv:8",
+            "rule": "outside_dataset",
+            "reason": f"a symlink that resolves to {secret}, outside the dataset folder {folder}",
+            "captions": 1,
+        }
+    ]
+    assert "stolen" not in (tmp_path / "work" / MANIFEST_NAME).read_text()
+
+
 def test_non_utf8_csv_is_prepared_and_the_note_reported(tmp_path, tiny_images):
     tiny_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
     (tmp_path / "data" / "captions.csv").write_bytes(

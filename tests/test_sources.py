@@ -173,6 +173,27 @@ def test_paths_escaping_the_dataset_folder_are_refused(tmp_path, tiny_images, wr
     assert rows[0].image == "../../etc/passwd"
 
 
+def test_symlinks_resolving_outside_the_dataset_folder_are_refused(tmp_path, tiny_images, write_csv):
+    data = tmp_path / "data"
+    tiny_images(data / "images", ["a.png"])
+    (secret,) = tiny_images(tmp_path / "elsewhere", ["secret.png"])  # a real image, outside the folder
+    (data / "images" / "link.png").symlink_to(secret)
+    (data / "images" / "inside.png").symlink_to(data / "images" / "a.png")
+    (data / "disk").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "deep").mkdir()
+    (data / "deep" / "bare.png").symlink_to(secret)
+    rows = [["image", "caption"], ["images/link.png", "x"], ["disk/secret.png", "y"], ["bare.png", "z"]]
+    write_csv(data / "captions.csv", [*rows, ["images/inside.png", "ok"]])
+    found, _ = read(data)
+    assert [(r.image, r.rule, r.path) for r in found] == [
+        ("images/link.png", "outside_dataset", None),
+        ("disk/secret.png", "outside_dataset", None),
+        ("bare.png", "outside_dataset", None),  # found by name under the folder, then refused
+        ("images/inside.png", "", data / "images" / "inside.png"),  # a link that stays inside is fine
+    ]
+    assert found[0].reason == f"a symlink that resolves to {secret}, outside the dataset folder {data}"
+
+
 def test_absolute_path_inside_the_folder_is_accepted(tmp_path, tiny_images, write_csv):
     (path,) = tiny_images(tmp_path / "images", ["a.png"])
     write_csv(tmp_path / "captions.csv", [["image", "caption"], [str(path), "ok"]])
