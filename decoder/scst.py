@@ -35,6 +35,7 @@ from decoder.cider import CiderD, References
 from decoder.loop import Fit, Outcome, Position
 from decoder.model import CaptionerConfig
 from decoder.phase import Built, train_phase
+from decoder.search import allowed
 from decoder.train import open_training_store, val_cider_score
 from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
@@ -74,8 +75,10 @@ class SampleNet(nn.Module):
         tokens = torch.full((features.size(0) * samples,), self.start_id, dtype=torch.long)
         finished = torch.zeros_like(tokens, dtype=torch.bool)
         out_tokens, out_logprobs, out_mask = [], [], []
-        for _ in range(max_len):
+        for t in range(max_len):
             logprobs, state = self.captioner.step(tokens, state)  # (B*S, V)
+            # search's rules (no <unk>, no empty caption), renormalised: the policy samples are drawn from
+            logprobs = allowed(logprobs, t, self.end_id).log_softmax(-1)
             tokens = torch.multinomial(logprobs.detach().exp(), 1).squeeze(1)  # (B*S,)
             out_tokens.append(tokens)
             out_logprobs.append(logprobs.gather(1, tokens[:, None]).squeeze(1))

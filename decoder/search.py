@@ -4,15 +4,30 @@ Beam search keeps, per image, the B best partial captions by summed log-probabil
 captions (those that emitted <end>) are ranked by that sum divided by length**alpha, so alpha=0
 is the plain sum and alpha=1 the mean log-probability per word (length normalisation).
 
-A caption has at least one word: <end> is ruled out at the first step. An undertrained decoder
-otherwise finds the empty caption likelier than any sentence, and beam search, which stops once
-no live beam can beat its best finished caption, then returns nothing else.
+Two words are ruled out where the step's log-probabilities are consumed (`allowed`), for every
+caller (greedy, beam and its n-best candidates that re-ranking picks from, ensembles, and the
+samples of self-critical training):
+- <unk> never: a word the vocabulary lacks cannot be said, and "sitting on a <unk>" is no caption;
+- <end> at the first step, so a caption has at least one word. An undertrained decoder otherwise
+  finds the empty caption likelier than any sentence, and beam search, which stops once no live
+  beam can beat its best finished caption, then returns nothing else.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from store.text import Vocabulary
+
+UNK_ID = Vocabulary.unk_id  # the same id in every vocabulary
+
+
+def allowed(logprobs: torch.Tensor, t: int, end_id: int) -> torch.Tensor:
+    """Step t's log-probabilities (B, V) with the words a caption may not have there set to -inf:
+    <unk> always, <end> at the first step. Out of place, so sampling can backpropagate through it."""
+    banned = torch.tensor([UNK_ID, end_id] if t == 0 else [UNK_ID], device=logprobs.device)
+    return logprobs.index_fill(1, banned, float("-inf"))
 
 
 @torch.inference_mode()
@@ -24,9 +39,7 @@ def greedy(model: nn.Module, features: torch.Tensor, start_id: int, end_id: int,
     finished = torch.zeros(features.size(0), dtype=torch.bool)
     for t in range(max_len):
         logprobs, state = model.step(tokens, state)  # (B, V)
-        if t == 0:
-            logprobs[:, end_id] = float("-inf")
-        tokens = logprobs.argmax(-1)
+        tokens = allowed(logprobs, t, end_id).argmax(-1)
         out = torch.cat([out, tokens[:, None]], dim=1)
         finished |= tokens == end_id
         if finished.all():
@@ -76,19 +89,17 @@ def beam_candidates(
     tokens = torch.full((n * beam,), start_id, dtype=torch.long)
     for t in range(max_len):
         logprobs, state = model.step(tokens, state)  # (live * beam, V)
-        if t == 0:
-            logprobs[:, end_id] = float("-inf")
+        logprobs = allowed(logprobs, t, end_id)
         vocab = logprobs.size(1)
         scores = torch.stack([searches[i].scores for i in live]).reshape(-1)  # (live * beam,)
         total = (scores[:, None] + logprobs).reshape(len(live), beam * vocab)
         top_scores, top_idx = total.topk(min(2 * beam, beam * vocab), dim=1)  # (live, 2 * beam)
-        keep, next_live, picks, next_tokens = [], [], [], []
+        next_live, picks, next_tokens = [], [], []
         for j, i in enumerate(live):
             chosen = searches[i].advance(top_scores[j].tolist(), top_idx[j].tolist(), vocab, end_id, alpha)
             if chosen is None:
                 continue
             parents, words = chosen
-            keep.append(j)
             next_live.append(i)
             picks += [j * beam + p for p in parents]
             next_tokens += words

@@ -8,7 +8,7 @@ import torch
 from decoder.model import Captioner, CaptionerConfig, caption_loss
 from decoder.search import beam_search, greedy
 
-START, END = 1, 2
+START, END, UNK = 1, 2, 3
 
 
 def tiny_model(vocab_size=10, seed=0, image_as="input", num_layers=1) -> Captioner:
@@ -57,7 +57,7 @@ def test_beam_one_is_greedy():
 class MarkovCaptioner:
     """A hand-set model: the next word's probabilities depend only on the previous word."""
 
-    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int = 5):
+    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int = 6):
         self.logprobs = torch.full((vocab_size, vocab_size), -1e9)
         for prev, nxt in table.items():
             for word, p in nxt.items():
@@ -73,7 +73,8 @@ class MarkovCaptioner:
 
 # <start> -> A (0.6) or B (0.4); after A the mass is spread (best: <end> 0.35);
 # after B, <end> is almost certain. Greedy: "A" with p=0.21; the best caption is "B" with p=0.36.
-A, B = 3, 4
+# (Words from id 4: id 3 is <unk>, which search never emits.)
+A, B = 4, 5
 TABLE = {START: {A: 0.6, B: 0.4}, A: {END: 0.35, A: 0.33, B: 0.32}, B: {END: 0.9, A: 0.05, B: 0.05}}
 
 
@@ -125,7 +126,7 @@ def test_beam_score_never_worse_than_greedy(beam):
 
 def per_image_beam(model, feature, start_id, end_id, beam, max_len, alpha):
     """The per-image beam search légende used before the batched one, kept as the oracle (with the
-    rule added since: <end> cannot be the first word)."""
+    rules added since: <end> cannot be the first word, <unk> is never a word)."""
     h, c = model.init_state(feature)  # (L, 1, H)
     state = (h.repeat(1, beam, 1), c.repeat(1, beam, 1))  # (L, beam, H)
     tokens = torch.full((beam,), start_id, dtype=torch.long)
@@ -138,6 +139,7 @@ def per_image_beam(model, feature, start_id, end_id, beam, max_len, alpha):
         logprobs, state = model.step(tokens, state)  # (beam, V)
         if t == 0:
             logprobs[:, end_id] = float("-inf")
+        logprobs[:, UNK] = float("-inf")
         vocab = logprobs.size(1)
         total = (scores[:, None] + logprobs).reshape(-1)  # (beam * V,)
         top_scores, top_idx = total.topk(min(2 * beam, total.numel()))
@@ -206,3 +208,44 @@ def test_beam_candidates_are_distinct_and_best_first():
     ):
         assert 1 <= len(cands) <= 4 and len({tuple(c) for c in cands}) == len(cands)
         assert cands[0] == beam_search(model, f[None], START, END, beam=5, max_len=12)[0]
+
+
+# --- <unk> is never said -----------------------------------------------------------------------
+
+
+def unk_lover(seed: int, bias: float = 30.0) -> Captioner:
+    """A tiny decoder whose head pushes every step's probability onto <unk>."""
+    model = tiny_model(vocab_size=10, seed=seed)
+    with torch.no_grad():
+        model.head.bias[UNK] = bias
+    return model
+
+
+def test_no_search_ever_says_unk_even_from_a_decoder_that_prefers_it():
+    from decoder.ensemble import Ensemble
+    from decoder.scst import SampleNet
+    from decoder.search import beam_candidates
+
+    model, features = unk_lover(seed=0), torch.randn(6, 16)
+    first, _ = model.step(torch.full((6,), START), model.init_state(features))
+    assert (first.argmax(-1) == UNK).all() and first[:, UNK].exp().min() > 0.99  # it does prefer <unk>
+    ensemble = Ensemble([model, unk_lover(seed=1)])
+    captions = {
+        "greedy": greedy(model, features, START, END, max_len=8),
+        "beam": beam_search(model, features, START, END, beam=3, max_len=8),
+        "beam, alpha 1": beam_search(model, features, START, END, beam=4, max_len=8, alpha=1.0),
+        "ensemble greedy": greedy(ensemble, features, START, END, max_len=8),
+        "ensemble beam": beam_search(ensemble, features, START, END, beam=3, max_len=8),
+    }
+    for name, nbest in {
+        "n-best": beam_candidates(model, features, START, END, beam=5, max_len=8, n_best=5),
+        "ensemble n-best": beam_candidates(ensemble, features, START, END, beam=5, max_len=8, n_best=5),
+    }.items():
+        assert all(1 <= len(cands) <= 5 for cands in nbest), name  # re-ranking gets candidates to choose from
+        captions[name] = [c for cands in nbest for c in cands]
+    torch.manual_seed(0)
+    tokens, logprobs, mask = SampleNet(model, START, END)(features, samples=50, max_len=8)
+    captions["samples"] = tokens.tolist()
+    for name, ids in captions.items():
+        assert ids and all(seq for seq in ids), name  # a word, not the empty caption
+        assert not any(UNK in seq for seq in ids), name

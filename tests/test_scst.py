@@ -94,3 +94,32 @@ def test_scst_refuses_one_sample_and_a_joint_checkpoint(decoder_run, tmp_path):
     assert out.returncode == 1 and "start it from a decoder-phase checkpoint" in out.stderr
     out = run_cli("train", "--run", run, "--phase", "scst", "--resume", check=False)
     assert out.returncode == 1 and "decoder-phase checkpoint: start the scst phase without --resume" in out.stderr
+
+
+def test_samples_follow_the_rules_of_search_and_score_the_policy_they_were_drawn_from():
+    """No <unk> and no empty caption, even from a decoder that prefers both; each token's
+    log-probability is under the distribution it was drawn from (renormalised over the allowed
+    words), and the loss backpropagates."""
+    from decoder.model import Captioner, CaptionerConfig
+    from decoder.scst import SampleNet
+
+    start, end, unk = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.unk_id
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig(vocab_size=10, feature_dim=16, embed_size=8, hidden_size=8)).eval()
+    with torch.no_grad():
+        model.head.bias[unk] = 8.0
+        model.head.bias[end] = 6.0
+    features = torch.randn(3, 16)
+    first, _ = model.step(torch.full((3,), start), model.init_state(features))  # (3, V)
+    assert (first.argmax(-1) == unk).all()
+    tokens, logprobs, mask = SampleNet(model, start, end)(features, samples=40, max_len=6)  # (120, T)
+    assert not (tokens == unk).any() and not (tokens[:, 0] == end).any()
+    assert (tokens == end).any()  # <end> is still said, after the first word
+    rules = torch.zeros(10, dtype=torch.bool)
+    rules[[unk, end]] = True
+    expected = first.masked_fill(rules, float("-inf")).log_softmax(-1)  # step 0's sampled policy
+    rows = torch.arange(3).repeat_interleave(40)
+    assert torch.allclose(logprobs[:, 0], expected[rows, tokens[:, 0]], atol=1e-6)
+    (logprobs * mask).sum().backward()
+    grad = model.head.bias.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
