@@ -167,9 +167,7 @@ def prepare(
             dropped_captions.append(_entry(row.image, row.where, row.rule, row.reason, row.caption))
             continue
         if given is not None:
-            names = known.setdefault(row.image, set())
-            if row.written and row.written not in names:
-                names.add(row.written)
+            known.setdefault(row.image, set()).add(row.written)
         if row.rule:
             _drop_image(dropped_images, row.image, row.where, row.rule, row.reason)
             continue
