@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path("data/demo"), help="where the dataset, store and run go")
     p.add_argument("--n", type=int, default=500, help="synthetic images")
     p.add_argument("--weights", default="google2015")
-    p.add_argument("--crops", type=int, default=5)
+    p.add_argument("--crops", type=int, default=1)
     p.add_argument("--crop-size", type=int, default=299, help="smaller crops make a quick smoke test")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--joint-minutes", type=float, default=1.0, help="length of each joint session; 0 skips it")

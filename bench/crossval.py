@@ -63,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="",
         help='options of the one `cli.py featurize` run, e.g. "--maps all" for the attention decoder',
     )
+    p.add_argument("--baseline", default="defaults", help="method the paired ΔCIDEr-D is taken against")
     p.add_argument(
         "--split",
         default="test",
@@ -123,12 +124,10 @@ def centre_features(store: FeatureStore, rows: list[int]) -> np.ndarray:
 
 
 def score_rows(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict:
-    from decoder.metrics import score_captions
+    from decoder.metrics import diversity, score_captions
 
     scores, _ = score_captions(references, hypotheses)
-    out = {k: round(100 * v, 2) for k, v in scores.items()}
-    out["distinct"] = round(100 * len(set(hypotheses.values())) / len(hypotheses), 1)
-    return out
+    return {**{k: round(100 * v, 2) for k, v in scores.items()}, **diversity(hypotheses)}
 
 
 def run_retrieval(work: Path, k: int = 30) -> tuple[dict, dict[str, str]]:
@@ -173,8 +172,9 @@ def run_recipe(
     loaded = load_run(previous)
     result = evaluate_run(loaded, previous, split=split, write=False, **decode)
     hyps = {rec.id: hyp for rec, hyp in result["captions"]}
-    scores = {k: round(100 * v, 2) for k, v in result["scores"].items()}
-    scores["distinct"] = round(100 * len(set(hyps.values())) / len(hyps), 1)
+    from decoder.metrics import diversity
+
+    scores = {**{k: round(100 * v, 2) for k, v in result["scores"].items()}, **diversity(hyps)}
     return scores, hyps, seconds
 
 
@@ -196,8 +196,11 @@ def summarise(rows: list[dict], baseline: str = "defaults") -> str:
     the paired difference to the baseline on the same folds (and split), which removes the
     fold-to-fold spread that the methods share."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    head = "| method | folds | " + " | ".join(METRICS) + " | ΔCIDEr-D vs defaults | distinct /100 | train s / fold |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
+    head = (
+        "| method | folds | " + " | ".join(METRICS) + f" | ΔCIDEr-D vs {baseline} | distinct /100 | words used "
+        "| top 3-gram % | train s / fold |"
+    )
+    lines = [head, "|" + "---|" * (len(METRICS) + 7)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         cells = [_mean_se([r["scores"][key] for r in rs if key in r["scores"]]) for key in METRICS]
@@ -205,6 +208,8 @@ def summarise(rows: list[dict], baseline: str = "defaults") -> str:
         deltas = [r["scores"]["CIDEr-D"] - base[r["fold"]]["scores"]["CIDEr-D"] for r in rs if r["fold"] in base]
         cells.append(_mean_se(deltas, signed=True))
         cells.append(_mean_se([r["scores"]["distinct"] for r in rs]))
+        for key in ("vocabulary", "top_3gram_share"):
+            cells.append(_mean_se([r["scores"][key] for r in rs if key in r["scores"]]))
         secs = [r["train_seconds"] for r in rs if not math.isnan(r.get("train_seconds", float("nan")))]
         cells.append(f"{np.mean(secs):.0f}" if secs else "0")
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
@@ -256,9 +261,9 @@ def main(args: argparse.Namespace) -> None:
                 row
             ]
             results_path.write_text(json.dumps(rows, indent=1))
-            (out / "crossval.md").write_text(summarise(rows))
+            (out / "crossval.md").write_text(summarise(rows, args.baseline))
             print(f"{name} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
-    print(summarise(rows))
+    print(summarise(rows, args.baseline))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ The order is *chunk-local*: the store's row chunks are shuffled, grouped into wi
 are shuffled within a window. For a dataset that fits in one window this is a plain shuffle; for
 a large one it lets the streaming source read each chunk from disk about once per epoch. Both
 sources see the same order, so they yield identical batches.
+
+Grouped by photo (`by_photo`, the attention decoder's default), the photos of a window are shuffled
+and each photo's captions follow one another, so a batch of 32 captions holds about 7 photos and
+their maps are read and projected once each (`Regions`) instead of once per caption.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decoder.attention import Regions
 from store.distributed import SINGLE, Dist, shard
 from store.features import FeatureStore
 from store.manifest import Record
@@ -60,8 +65,11 @@ def pad_captions(captions: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     return out
 
 
-def epoch_order(pairs: Pairs, epoch: int, seed: int, num_crops: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, crops): a permutation of pair indices and the crop each pair uses this epoch."""
+def epoch_order(
+    pairs: Pairs, epoch: int, seed: int, num_crops: int, chunk_rows: int, by_photo: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(order, crops): a permutation of pair indices and the crop each pair uses this epoch; `by_photo`
+    keeps each photo's pairs together (in their stored order), the photos shuffled."""
     g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     chunk_of_pair = pairs.rows // chunk_rows
     chunks = np.unique(chunk_of_pair)
@@ -69,7 +77,13 @@ def epoch_order(pairs: Pairs, epoch: int, seed: int, num_crops: int, chunk_rows:
     order = []
     for w in range(0, len(chunks), WINDOW_CHUNKS):
         in_window = np.flatnonzero(np.isin(chunk_of_pair, chunks[w : w + WINDOW_CHUNKS]))
-        order.append(in_window[torch.randperm(len(in_window), generator=g).numpy()])
+        if by_photo:
+            photos, photo_of_pair = np.unique(pairs.rows[in_window], return_inverse=True)
+            place = np.empty(len(photos), np.int64)
+            place[torch.randperm(len(photos), generator=g).numpy()] = np.arange(len(photos))
+            order.append(in_window[np.argsort(place[photo_of_pair], kind="stable")])
+        else:
+            order.append(in_window[torch.randperm(len(in_window), generator=g).numpy()])
     crops = torch.randint(num_crops, (len(pairs),), generator=g).numpy()
     return np.concatenate(order) if order else np.zeros(0, np.int64), crops
 
@@ -118,15 +132,28 @@ class InMemoryMaps:
         crops = np.where(crops < self.maps_crops, crops, 0)  # a centre-only store: always the centre
         return torch.from_numpy(self.array[rows, crops].astype(np.float32))  # (B, R, D)
 
+    def grouped(self, rows: np.ndarray, crops: np.ndarray) -> Regions:
+        return grouped_maps(self, rows, crops)
+
 
 class StreamingMaps:
     """Reads each pair's map from the store (one HDF5 chunk per row): maps too large for RAM."""
 
     def __init__(self, store: FeatureStore):
-        self.store = store
+        self.store, self.maps_crops = store, store.maps_crops
 
     def get(self, rows: np.ndarray, crops: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.store.read_maps(rows, crops).astype(np.float32))  # (B, R, D)
+
+    def grouped(self, rows: np.ndarray, crops: np.ndarray) -> Regions:
+        return grouped_maps(self, rows, crops)
+
+
+def grouped_maps(source: InMemoryMaps | StreamingMaps, rows: np.ndarray, crops: np.ndarray) -> Regions:
+    """The batch's distinct maps, each read once, and the one each pair uses."""
+    crops = np.where(crops < source.maps_crops, crops, 0)  # a centre-only store: always the centre
+    keys, photo = np.unique(rows * source.maps_crops + crops, return_inverse=True)
+    return Regions(source.get(keys // source.maps_crops, keys % source.maps_crops), torch.from_numpy(photo.ravel()))
 
 
 def fits_in_memory(store: FeatureStore, fraction: float = 0.5, maps: bool = False) -> bool:
@@ -165,21 +192,27 @@ def train_batches(
     batch_size: int,
     start_batch: int = 0,
     ctx: Dist = SINGLE,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features (B, D), captions (B, T)) for the batches of one epoch from `start_batch` on.
+    grouped: bool = False,
+) -> Iterator[tuple[torch.Tensor | Regions, torch.Tensor]]:
+    """(features (B, D) or maps, captions (B, T)) for the batches of one epoch from `start_batch` on;
+    `grouped` (a maps source): each distinct map once, as `Regions`.
 
     Under torchrun, this rank's share of each global batch of `batch_size`.
     """
+    get = source.grouped if grouped else source.get
     for b in range(start_batch, num_batches(len(pairs), batch_size)):
         idx = shard(order[b * batch_size : (b + 1) * batch_size], ctx)
-        yield source.get(pairs.rows[idx], crops[idx]), pad_captions([pairs.captions[i] for i in idx])
+        yield get(pairs.rows[idx], crops[idx]), pad_captions([pairs.captions[i] for i in idx])
 
 
-def eval_batches(pairs: Pairs, source, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    pairs: Pairs, source, batch_size: int = 256, grouped: bool = False
+) -> Iterator[tuple[torch.Tensor | Regions, torch.Tensor]]:
     """Every pair once, in order, on the centre crop (crop 0): the same numbers every epoch."""
+    get = source.grouped if grouped else source.get
     for start in range(0, len(pairs), batch_size):
         idx = np.arange(start, min(start + batch_size, len(pairs)))
-        yield source.get(pairs.rows[idx], np.zeros(len(idx), np.int64)), pad_captions([pairs.captions[i] for i in idx])
+        yield get(pairs.rows[idx], np.zeros(len(idx), np.int64)), pad_captions([pairs.captions[i] for i in idx])
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from decoder.captioners import check_store_serves, reads_maps
 from decoder.data import centre_inputs
-from decoder.inference import LoadedCaptioner, encode_photos, generate
+from decoder.inference import LoadedCaptioner, check_tta, encode_photos, generate
 from decoder.metrics import score_captions
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches
@@ -33,6 +33,7 @@ def split_features(
 ) -> tuple[list[int], torch.Tensor]:
     """(manifest rows, features (n, D), or regions (n, R, D) for the attention decoder) of the
     split's images that have features."""
+    check_tta(loaded.state, tta)
     train_cfg = loaded.state["config"]["train"]
     rows = [i for i, r in enumerate(records) if r.split == split]
     if "encoder" in loaded.state:  # joint phase: the cached features are from the CNN before fine-tuning

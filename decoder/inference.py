@@ -250,6 +250,16 @@ def _encode(encoder, images: torch.Tensor, policy: CropPolicy, tta: bool, precis
     return out.mean(1)
 
 
+def check_tta(state: dict, tta: bool) -> None:
+    """--tta averages the crops the training store kept; with one crop per photo it would be the
+    centre crop under another name, so it is refused."""
+    if tta and crop_policy(state).num_crops < 2:
+        raise UserError(
+            "--tta averages the stored crops, and this run's store has one per photo: featurize with "
+            "--crops 5 (and --overwrite), then train again, to use it"
+        )
+
+
 def encode_photos(
     loaded: LoadedCaptioner,
     paths: list[Photo],
@@ -258,6 +268,7 @@ def encode_photos(
     workers: int = 2,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """encode_images with the CNN, crops and precision that made the checkpoint's training features."""
+    check_tta(loaded.state, tta)
     if loaded.encoder is None:
         loaded.encoder = inference_encoder(loaded.state)
     return encode_images(

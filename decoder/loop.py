@@ -31,6 +31,7 @@ from decoder.model import caption_loss, split_output
 from decoder.stopping import StopRequest
 from store.checkpoints import save_checkpoint
 from store.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
+from store.progress import PlainProgress
 from store.rundir import RunDir
 from store.runlog import RunLog, plot_run
 
@@ -94,6 +95,9 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
     train_net = fit.train_net or fit.net
     last_checkpoint = time.monotonic()
     val_loss = None
+    remaining = (fit.epochs - pos.epoch) * fit.data.num_batches - pos.batch
+    plain = PlainProgress(console if main else None, fit.phase, remaining, "batches")  # as lines in a log file
+    done = 0
     with _progress(console, disable=not main) as progress:
         task = progress.add_task(fit.phase, total=fit.data.num_batches, loss=float("nan"))
         while pos.epoch < fit.epochs:
@@ -113,6 +117,11 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                     {"phase": fit.phase, "epoch": pos.epoch + 1, "step": pos.step, fit.logged_as: f"{logged:.5f}"}
                 )
                 progress.update(task, advance=1, loss=logged)
+                done += 1
+                plain.update(
+                    done,
+                    f"epoch {pos.epoch + 1}/{fit.epochs} batch {pos.batch}/{fit.data.num_batches}, loss {logged:.3f}",
+                )
                 timer_due = (
                     bool(fit.checkpoint_minutes) and time.monotonic() - last_checkpoint >= fit.checkpoint_minutes * 60
                 )

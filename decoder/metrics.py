@@ -56,3 +56,22 @@ def score_captions(
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
     return scores, notes
+
+
+def diversity(hypotheses: dict[str, str]) -> dict[str, float | str]:
+    """What CIDEr-D does not show: distinct captions per 100 photos, the words the captions use,
+    and the share (%) of captions holding the most frequent 3-gram (a repeated phrase such as
+    "in a red jacket" scores well on many photos while telling them apart by nothing)."""
+    captions = [normalize_caption(h).split() for h in hypotheses.values()]
+    holding: dict[tuple[str, ...], int] = {}
+    for words in captions:
+        for gram in {tuple(words[i : i + 3]) for i in range(len(words) - 2)}:
+            holding[gram] = holding.get(gram, 0) + 1
+    gram, count = max(holding.items(), key=lambda kv: (kv[1], kv[0])) if holding else ((), 0)
+    n = max(len(captions), 1)
+    return {
+        "distinct": round(100 * len({" ".join(w) for w in captions}) / n, 1),
+        "vocabulary": len({w for words in captions for w in words}),
+        "top_3gram_share": round(100 * count / n, 1),
+        "top_3gram": " ".join(gram),
+    }

@@ -51,12 +51,16 @@ class TrainConfig:
     seed: int = 0
     stream: bool = False
     select_by: str = "loss"  # which validation score picks best.pt: "loss" or "cider"
+    group_by_photo: bool = False  # batches keep a photo's captions together (decoder/data.py)
 
 
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
 # Each decoder's own defaults, measured by cross-validation (docs/quality.md): the attention
 # decoder peaks earlier, and its best epoch is found by validation CIDEr-D.
-DECODER_DEFAULTS = {"pooled": {}, "attention": {"epochs": 12, "select_by": "cider"}}
+DECODER_DEFAULTS = {
+    "pooled": {},
+    "attention": {"epochs": 12, "select_by": "cider", "group_by_photo": True, "batch_size": 64, "lr": 4e-4},
+}
 TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 
 
@@ -72,16 +76,21 @@ class FeatureData:
         ctx: Dist = SINGLE,
         maps: bool = False,
     ):
-        self.store, self.train, self.val, self.cfg, self.ctx = store, train, val, cfg, ctx
+        self.store, self.train, self.val, self.cfg, self.ctx, self.maps = store, train, val, cfg, ctx, maps
         self.source = D.feature_source(store, cfg.stream, maps)
         self.num_batches = D.num_batches(len(train), cfg.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int):
-        order, crops = D.epoch_order(self.train, epoch, self.cfg.seed, self.store.num_crops, self.store.chunk_rows)
-        return D.train_batches(self.train, self.source, order, crops, self.cfg.batch_size, start_batch, self.ctx)
+        grouped = self.maps and self.cfg.group_by_photo
+        order, crops = D.epoch_order(
+            self.train, epoch, self.cfg.seed, self.store.num_crops, self.store.chunk_rows, by_photo=grouped
+        )
+        return D.train_batches(
+            self.train, self.source, order, crops, self.cfg.batch_size, start_batch, self.ctx, grouped=grouped
+        )
 
     def val_batches(self):
-        return D.eval_batches(self.val, self.source)
+        return D.eval_batches(self.val, self.source, grouped=self.maps)  # no dropout: the same numbers, faster
 
 
 def val_cider_score(model, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
@@ -138,6 +147,8 @@ class DecoderPhase:
         given = {k: v for k, v in options.items() if k in TRAIN_OPTIONS and v is not None}
         self.model_options = {k: v for k, v in options.items() if k in MODEL_OPTIONS and v is not None}
         decoder = self.model_options.setdefault("decoder", default_decoder(store_path))
+        if given.get("group_by_photo") and decoder != "attention":
+            raise UserError("--group-by-photo applies to the attention decoder only: the pooled one reads a vector")
         return TrainConfig(workdir=str(workdir), store=str(store_path), **{**DECODER_DEFAULTS[decoder], **given}), None
 
     def build(self, ctx: Dist, run: RunDir, cfg: TrainConfig, state: dict | None, stack: ExitStack) -> Built:
@@ -188,6 +199,11 @@ class DecoderPhase:
             f"{model_cfg.decoder} decoder{f' over {store.regions} regions' if maps else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
         )
+        if not maps and store.num_crops == 1:
+            banner += (
+                f"\nnote: {store.path.name} has one crop per photo, so the pooled decoder trains without crop "
+                "augmentation (featurize --crops 5 --overwrite gives it 5)"
+            )
         return Built(fit, config, Position(), banner)
 
 

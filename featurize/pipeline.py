@@ -53,6 +53,7 @@ from store.errors import UserError
 from store.features import FeatureStore, StoreWriter, existing_attrs, images_sha256, store_path
 from store.images import ImageError, open_image
 from store.manifest import manifest_sha256, read_manifest
+from store.progress import PlainProgress
 
 CROPS_PER_CHUNK = 160  # per chunk: ~12 MB of resized images from the workers, 43 MB of uint8 crops
 MAX_LISTED_FAILURES = 20
@@ -64,7 +65,7 @@ def featurize(
     workdir: Path,
     *,
     weights: str = "google2015",
-    num_crops: int = 5,
+    num_crops: int = 1,
     batch_size: int = 8,
     precision: str = "auto",
     workers: int = 2,
@@ -350,6 +351,8 @@ def _run(net, chunks, batches, writer: StoreWriter, policy: CropPolicy, attrs: d
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
+    plain = PlainProgress(console, "featurize", total_rows, "images")  # the same, as lines in a log file
+    rows_done = 0
     with Progress(*columns, console=console, disable=console is None) as progress:
         task = progress.add_task("featurize", total=total_rows, rate="")
         seen = f"one {policy.resize}px view, {k} crop boxes" if full else f"{k} crops of {policy.crop}px"
@@ -372,6 +375,8 @@ def _run(net, chunks, batches, writer: StoreWriter, policy: CropPolicy, attrs: d
             crops_done += int(ok.sum()) * k
             rate = crops_done / (time.perf_counter() - start)
             progress.update(task, advance=chunk.rows.size, rate=f"{rate:.1f} crops/s")
+            rows_done += chunk.rows.size
+            plain.update(rows_done, f"{rate:.1f} crops/s")
     elapsed = time.perf_counter() - start
     _say(console, f"encoded {crops_done} crops in {elapsed:.1f} s ({crops_done / max(elapsed, 1e-9):.1f} crops/s)")
 

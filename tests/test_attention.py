@@ -83,8 +83,9 @@ def test_attention_weights_sum_to_one_over_any_number_of_regions():
     for r in (64, 81, 3):
         logits, weights = model.teacher_forced(torch.randn(2, r, 32), captions)
         assert logits.shape == (2, 4, 12) and weights.shape == (2, 4, r)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
-        assert (weights >= 0).all()
+        real = captions[:, 1:] != 0  # positions past <end> are not computed: zero weights and logits
+        torch.testing.assert_close(weights.sum(-1), real.float())
+        assert (weights >= 0).all() and (logits[~real] == 0).all() and (logits[real] != 0).any(-1).all()
     _, penalty = model(torch.randn(2, 9, 32), captions)
     assert penalty.item() > 0
 
@@ -238,7 +239,8 @@ def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featuri
     run_cli("train", mapped, "--run", tmp_path / "a", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["model"]["decoder"] == "attention" and config["train"]["select_by"] == "cider"
-    assert config["train"]["epochs"] == 1  # what the user gave wins over the decoder's defaults
+    assert config["train"]["group_by_photo"] and config["train"]["lr"] == 4e-4
+    assert config["train"]["epochs"] == 1 and config["train"]["batch_size"] == 8  # what the user gave wins
     run_cli("train", featurized, "--run", tmp_path / "p", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["model"]["decoder"] == "pooled" and config["train"]["select_by"] == "loss"
@@ -260,3 +262,56 @@ def test_maps_from_disk_give_the_batches_of_maps_in_memory(mapped):
         assert isinstance(in_ram.source, D.InMemoryMaps) and isinstance(from_disk.source, D.StreamingMaps)
         for (fa, ca), (fb, cb) in zip(in_ram.train_batches(1, 0), from_disk.train_batches(1, 0), strict=True):
             assert fa.shape[1:] == (9, 2048) and torch.equal(fa, fb) and torch.equal(ca, cb)
+
+
+def test_teacher_forcing_gives_what_stepping_one_word_at_a_time_gives():
+    """The sorted, shrinking teacher-forced loop equals the interface search uses, caption by caption."""
+    torch.manual_seed(0)
+    config = CaptionerConfig(vocab_size=20, feature_dim=32, embed_size=8, hidden_size=16, decoder="attention")
+    model = AttentionCaptioner(config).eval()
+    captions = torch.tensor([[1, 5, 2, 0, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 6, 2, 0, 0], [1, 3, 2, 0, 0, 0]])
+    regions = torch.randn(4, 5, 32)
+    with torch.no_grad():
+        logits, weights = model.teacher_forced(regions, captions)
+        for i, caption in enumerate(captions):
+            state = model.init_state(regions[i : i + 1])
+            for t in range(int((caption != 0).sum()) - 1):
+                logprobs, state = model.step(caption[t : t + 1], state)
+                torch.testing.assert_close(torch.log_softmax(logits[i, t], -1), logprobs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_loss(mapped):
+    from decoder import data as D
+    from decoder.attention import Regions
+    from decoder.model import caption_loss
+    from decoder.train import FeatureData, TrainConfig
+    from store.manifest import read_manifest
+    from store.text import Vocabulary
+
+    records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
+    with FeatureStore.open(find_store(mapped)) as store:
+        usable = np.asarray(store.done, dtype=bool)
+        train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
+        order, _ = D.epoch_order(train, 3, 0, store.num_crops, store.chunk_rows, by_photo=True)
+        assert sorted(order.tolist()) == list(range(len(train)))  # every pair once
+        photos = train.rows[order]
+        runs = [p for i, p in enumerate(photos) if i == 0 or photos[i - 1] != p]
+        assert len(runs) == len(set(photos.tolist()))  # each photo's captions in one run
+        assert not np.array_equal(order, D.epoch_order(train, 4, 0, store.num_crops, store.chunk_rows, True)[0])
+
+        cfg = TrainConfig(workdir=str(mapped), store=str(store.path), batch_size=8, group_by_photo=True)
+        config = CaptionerConfig(len(vocab), embed_size=8, hidden_size=16, attention_size=8, decoder="attention")
+        model = AttentionCaptioner(config).eval()
+        in_ram = FeatureData(store, train, val, cfg, maps=True)
+        from_disk = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}), maps=True)
+        maps_read = 0
+        for (ra, ca), (rb, cb) in zip(in_ram.train_batches(1, 0), from_disk.train_batches(1, 0), strict=True):
+            assert isinstance(ra, Regions) and torch.equal(ra.maps, rb.maps) and torch.equal(ra.photo, rb.photo)
+            assert torch.equal(ca, cb) and len(ra.maps) == len(set(ra.photo.tolist()))  # each (photo, crop) once
+            maps_read += len(ra.maps)
+            expanded = ra.maps[ra.photo]  # (B, R, D): what an ungrouped batch holds
+            with torch.no_grad():
+                grouped_loss = caption_loss(model(ra, ca)[0], ca)
+                torch.testing.assert_close(grouped_loss, caption_loss(model(expanded, ca)[0], ca))
+        # at most each photo's 2 crops, plus a photo that a batch boundary cuts: not one map per caption
+        assert maps_read <= 2 * len(set(train.rows.tolist())) + in_ram.num_batches < len(train)

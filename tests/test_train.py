@@ -183,3 +183,37 @@ def test_user_errors_are_one_line(tmp_path):
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_a_one_crop_store_logs_progress_trains_the_pooled_decoder_with_a_note_and_refuses_tta(featurized, tmp_path):
+    """featurize's default is one crop per photo; a log file (not a terminal) gets progress lines."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(featurized, work, ignore=shutil.ignore_patterns("features"))
+    log_every = {**os.environ, "LEGENDE_PROGRESS_EVERY": "0"}
+    out = run_cli(
+        "featurize", work, "--weights", "none", "--workers", 0, "--resize", 96, "--crop-size", 80,
+        "--maps", "none", "--precision", "fp32", "--chunk-rows", 10, env=log_every,
+    )  # fmt: skip
+    assert "1 crops of 80px per image" in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("featurize: ")]
+    assert lines[0].startswith("featurize: 10/40 images (25 %)") and "left" in lines[0]
+    assert lines[-1].startswith("featurize: 40/40 images (100 %)") and "left" not in lines[-1]
+    with FeatureStore.open(find_store(work)) as store:
+        assert store.num_crops == 1
+
+    run = tmp_path / "run"
+    out = run_cli("train", work, "--run", run, "--epochs", 2, *TINY, env=log_every)
+    assert "has one crop per photo, so the pooled decoder trains without crop augmentation" in out.stderr
+    batches = D.num_batches(len(D.build_pairs(read_manifest(work), Vocabulary.load(work / "vocab.json"), "train",
+                                              np.ones(40, bool))), 8)  # fmt: skip
+    lines = [line for line in out.stderr.splitlines() if line.startswith("decoder: ")]
+    assert len(lines) == 2 * batches and lines[0].startswith(f"decoder: 1/{2 * batches} batches")
+    assert f"epoch 2/2 batch {batches}/{batches}" in lines[-1] and "about" in lines[0]
+
+    out = run_cli("evaluate", run, "--split", "test", "--tta", check=False)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "Error: --tta averages the stored crops, and this run's store has one per photo: featurize with "
+        "--crops 5 (and --overwrite), then train again, to use it"
+    )
