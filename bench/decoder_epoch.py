@@ -1,6 +1,6 @@
 """Seconds per decoder epoch on cached features vs an end-to-end epoch the original's way.
 
-    python bench/decoder_epoch.py [WORKDIR] [--sample-batches 3]
+    python bench/decoder_epoch.py [WORKDIR] [--sample-batches 3] [--profile 10]
 
 WORKDIR is a prepared and featurized dataset (default: data/work from `make features`). The
 decoder epoch is timed in full, for the pooled decoder and, when the store has feature maps
@@ -8,6 +8,10 @@ decoder epoch is timed in full, for the pooled decoder and, when the store has f
 memory is reported (the features or maps in RAM included); the end-to-end epoch (decode + resize + random 299 crop with
 torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
 few batches and extrapolated to the same number of batches. Both run here, in this process.
+Each decoder trains with its own defaults (decoder/train.py DECODER_DEFAULTS: the attention decoder
+groups its batches by photo, 64 captions each).
+
+--profile N prints where an attention step's time goes: torch.profiler over N batches, by operator.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoder import data as D  # noqa: E402
 from decoder.captioners import build_captioner, reads_maps  # noqa: E402
 from decoder.model import Captioner, CaptionerConfig, caption_loss, split_output  # noqa: E402
-from decoder.train import FeatureData, TrainConfig  # noqa: E402
+from decoder.train import DECODER_DEFAULTS, FeatureData, TrainConfig  # noqa: E402
 from featurize.encoder import build_inception  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
 
 
-def decoder_epoch(workdir: Path, decoder: str) -> tuple[float, int, float]:
+def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float, int, float]:
     """(seconds, batches, peak resident MB) of one epoch of `decoder` with its defaults."""
     records = read_manifest(workdir)
     vocab = Vocabulary.load(workdir / "vocab.json")
@@ -46,18 +50,36 @@ def decoder_epoch(workdir: Path, decoder: str) -> tuple[float, int, float]:
         torch.manual_seed(0)
         config = CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder)
         model = build_captioner(config)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-        cfg = TrainConfig(workdir=str(workdir), store=str(store.path))
+        defaults = {k: v for k, v in DECODER_DEFAULTS[decoder].items() if k not in ("epochs", "select_by")}
+        cfg = TrainConfig(workdir=str(workdir), store=str(store.path), **defaults)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         data = FeatureData(store, train, val, cfg, maps=reads_maps(config))
+        batches = data.train_batches(0, 0)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            for _ in range(3):  # warm up
+                train_step(model, opt, *next(batches))
+            with profiler(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(profile):
+                    train_step(model, opt, *next(batches))
+            print(f"{decoder} decoder, {profile} batches of {cfg.batch_size}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            return 0.0, data.num_batches, 0.0
         started = time.perf_counter()
-        for features, captions in data.train_batches(0, 0):
-            logits, penalty = split_output(model(features, captions))
-            loss = caption_loss(logits, captions) + penalty
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for features, captions in batches:
+            train_step(model, opt, features, captions)
         seconds = time.perf_counter() - started
     return seconds, data.num_batches, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_step(model, opt, features, captions) -> None:
+    logits, penalty = split_output(model(features, captions))
+    loss = caption_loss(logits, captions) + penalty
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 def end_to_end_batches(records, train: D.Pairs, vocab: Vocabulary, n_batches: int, batch_size: int = 32) -> float:
@@ -86,7 +108,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", nargs="?", type=Path, default=Path("data/work"))
     p.add_argument("--sample-batches", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, help="profile this many attention batches instead")
     a = p.parse_args()
+    if a.profile:
+        decoder_epoch(a.workdir, "attention", a.profile)
+        return
     records = read_manifest(a.workdir)
     vocab = Vocabulary.load(a.workdir / "vocab.json")
     with FeatureStore.open(find_store(a.workdir)) as store:
@@ -110,7 +136,10 @@ def main() -> None:
         f"end-to-end epoch, original way:   {e2e:8.1f} s  "
         f"({per_batch:.2f} s/batch x {n_batches}, from {a.sample_batches} batches)"
     )
-    print(f"ratio: {e2e / cached:.0f}x faster per epoch")
+    for decoder, (seconds, _, _) in epochs.items():
+        print(f"end-to-end epoch / {decoder} epoch: {e2e / seconds:.0f}x")
+    if "attention" in epochs:
+        print(f"attention epoch / pooled epoch: {epochs['attention'][0] / cached:.1f}x")
 
 
 if __name__ == "__main__":

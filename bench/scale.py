@@ -86,6 +86,25 @@ def epoch_seconds(run: Path) -> float:
     return sum(seconds) / len(seconds)
 
 
+def dev_quality(run: Path, resamples: int = 1000) -> dict:
+    """Diversity of the run's dev captions (eval/val_captions.csv) and a bootstrap standard error
+    of CIDEr-D over photos (per-photo scores with the document frequencies held fixed)."""
+    import numpy as np
+    from pycocoevalcap.cider.cider import Cider
+
+    from decoder.metrics import diversity
+    from store.text import normalize_caption
+
+    with open(run / "eval" / "val_captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    gts = {r["image"]: [normalize_caption(c) for c in r["references"].split(" | ")] for r in rows}
+    res = {r["image"]: [normalize_caption(r["caption"])] for r in rows}
+    _, per_photo = Cider().compute_score(gts, res)
+    rng = np.random.default_rng(0)
+    means = [np.mean(rng.choice(per_photo, len(per_photo))) for _ in range(resamples)]
+    return {"cider_se": round(100 * float(np.std(means)), 1), **diversity({k: v[0] for k, v in res.items()})}
+
+
 def train_captions(work: Path) -> int:
     from store.manifest import read_manifest
 
@@ -133,6 +152,7 @@ def measure(n: int, a: argparse.Namespace, results: dict, save) -> None:
         row["store_mb"] = round(sum(p.stat().st_size for p in (work / "features").glob("*.h5")) / 2**20)
         scores = json.loads((run / "eval" / "val.json").read_text())["scores"]
         row["dev_scores"] = {k: round(100 * v, 1) for k, v in scores.items()}
+        row["dev_quality"] = dev_quality(run)
         save()
     if "caption" not in row:
         photos = base / "caption-photos"
@@ -177,7 +197,7 @@ def table(results: dict) -> str:
             f"{recipe / 60:.1f} min",
             f"{recipe / n * 1000 / 60:.1f} min",
             f"{cap['photos'] / cap['seconds']:.1f}" if cap else "–",
-            f"{scores.get('CIDEr-D', float('nan')):.1f}",
+            f"{scores.get('CIDEr-D', float('nan')):.1f} ± {r['dev_quality']['cider_se']:.1f}",
             f"{scores.get('BLEU-4', float('nan')):.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
