@@ -457,6 +457,12 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
         table.add_column(name, justify="right")
     table.add_row(*(f"{100 * v:.1f}" for v in result["scores"].values()))
     Console().print(table)
+    d = result["diversity"]
+    console.print(
+        f"{d['distinct']:.0f} distinct captions per 100 photos, {d['vocabulary']} words used; the most frequent "
+        f'3-gram, "{d["top_3gram"]}", is in {d["top_3gram_share"]:.0f} % of the captions',
+        markup=False,
+    )
     for note in result["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {cap.run.eval_json(split)} and {split}_captions.csv (scores x100)")

@@ -20,7 +20,7 @@ import torch
 from decoder.captioners import check_store_serves, reads_maps
 from decoder.data import centre_inputs
 from decoder.inference import LoadedCaptioner, check_tta, encode_photos, generate
-from decoder.metrics import score_captions
+from decoder.metrics import diversity, score_captions
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches
 from store.files import atomic_write_bytes
@@ -89,6 +89,7 @@ def evaluate_run(
         "epoch": loaded.state["epoch"],
         "phase": loaded.state["phase"],
         "scores": scores,
+        "diversity": diversity(dict(zip(ids, hypotheses, strict=True))),
         "notes": notes,
     }
     if write:

@@ -36,3 +36,19 @@ def test_several_candidates_score_as_they_would_one_by_one():
     alone = [cider.score([c], refs)[0] for c in candidates]
     assert np.allclose(together, alone, atol=1e-12)
     assert together[-2] == together.max() and together[-1] == 0.0  # a reference itself scores highest; nothing scores 0
+
+
+def test_diversity_counts_distinct_captions_words_and_the_most_repeated_3gram():
+    from decoder.metrics import diversity
+
+    hyps = {
+        "a": "A man in a red jacket .",
+        "b": "a man in a red jacket",
+        "c": "a dog runs in a red field",
+        "d": "two dogs play",
+    }
+    d = diversity(hyps)
+    assert d["distinct"] == 75.0  # a and b are the same caption once normalised
+    assert d["vocabulary"] == len({"a", "man", "in", "red", "jacket", "dog", "runs", "field", "two", "dogs", "play"})
+    assert (d["top_3gram"], d["top_3gram_share"]) == ("in a red", 75.0)  # in 3 of the 4 captions
+    assert diversity({"x": "a dog"})["top_3gram_share"] == 0.0  # no 3-gram at all

@@ -217,3 +217,13 @@ def test_a_one_crop_store_logs_progress_trains_the_pooled_decoder_with_a_note_an
         "Error: --tta averages the stored crops, and this run's store has one per photo: featurize with "
         "--crops 5 (and --overwrite), then train again, to use it"
     )
+
+
+@pytest.mark.parametrize("by_photo", [False, True])
+def test_the_order_of_an_epoch_does_not_depend_on_the_crops_stored(by_photo):
+    """A 1-crop store (featurize's default) trains a centre-map decoder exactly as a 5-crop store
+    does: the crops stored change the crop drawn per pair, never the order of the pairs."""
+    pairs = D.Pairs(np.repeat(np.arange(30), 5), [[1, 4, 2]] * 150)
+    one, crops_one = D.epoch_order(pairs, 2, 0, 1, 8, by_photo)
+    five, crops_five = D.epoch_order(pairs, 2, 0, 5, 8, by_photo)
+    assert np.array_equal(one, five) and not crops_one.any() and crops_five.max() == 4
