@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,28 @@ def main() -> None:
     console.print(f"attention heat maps, a panel per word: {heatmaps}", soft_wrap=True)
     console.print(f"plots: {run / 'plots'}", soft_wrap=True)  # soft_wrap: a path on one line, to copy
     console.print(f"report (open it in a browser): {RunDir(run).eval_report('test')}", soft_wrap=True)
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}  # paths as they are, on one line
+    console.print(f"\nNext, from the repository root (the run is {run}, not under runs/: give it with --run):", **plain)
+    for command, what in next_commands(synth, run, a.epochs, a.joint_minutes > 0):
+        console.print(f"  {command}  # {what}", **plain)
+
+
+def next_commands(synth: Path, run: Path, epochs: int, joint: bool) -> list[tuple[str, str]]:
+    """(command, what it does) to go on from the demo's run: caption photos, train further, evaluate."""
+    r = shlex.quote(str(run))
+    with open(RunDir(run).epochs_csv, newline="") as f:
+        joint_epochs = sum(row["phase"] == "joint" for row in csv.DictReader(f))
+    if not joint:
+        train = (f"python cli.py train --run {r} --resume --epochs {epochs + 4}", "4 more decoder epochs")
+    elif joint_epochs:
+        train = (f"python cli.py train --run {r} --resume --epochs {joint_epochs + 1}", "one more joint epoch")
+    else:
+        train = (f"python cli.py train --run {r} --resume", "the joint phase, on from where its session stopped")
+    return [
+        (f"python cli.py caption {shlex.quote(str(synth / 'images'))} --run {r}", "caption a folder of photos"),
+        train,
+        (f"python cli.py evaluate {r} --report", "the test split's scores and page, after more training"),
+    ]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from decoder.captioners import reads_maps
 from decoder.heatmaps import draw_attention, seen_picture, word_attention
 from decoder.inference import Inputs, LoadedCaptioner, Photo, crop_policy, encode_photos, generate
+from decoder.report import word_heatmaps
 from store.errors import UserError
 from store.images import IMAGE_EXTENSIONS, ImageError, open_image
 
@@ -70,9 +71,18 @@ def caption_images(
     ]
 
 
-def write_heatmaps(loaded: LoadedCaptioner, photos: list[Photo], results: list[CaptionResult], outdir: Path, base):
+def write_heatmaps(
+    loaded: LoadedCaptioner,
+    photos: list[Photo],
+    results: list[CaptionResult],
+    outdir: Path,
+    base,
+    strips: dict[int, list[tuple[str, str]]] | None = None,
+):
     """One PNG per captioned photo under `outdir` (OUTDIR/<path under base>.png; photo<i>.png for
-    an image given in memory); the paths written."""
+    an image given in memory); the paths written. With `strips` (a dict to fill), also the small
+    heat map of each word of photos[i] for the HTML page, in strips[i] (decoder.report.word_heatmaps):
+    one picture at a time, so that a large folder never holds them all."""
     policy, full_view = crop_policy(loaded.state), Inputs.of(loaded.state).full_view
     written = []
     for i, (photo, result) in enumerate(zip(photos, results, strict=True)):
@@ -85,6 +95,8 @@ def write_heatmaps(loaded: LoadedCaptioner, photos: list[Photo], results: list[C
         name = Path(photo).relative_to(base).as_posix() + ".png" if isinstance(photo, Path) else f"photo{i}.png"
         picture = seen_picture(img, policy, full_view)
         written.append(draw_attention(picture, result.caption.split(), result.attention, Path(outdir) / name))
+        if strips is not None:
+            strips[i] = word_heatmaps(picture, result.caption.split(), result.attention)
     return written
 
 

@@ -7,7 +7,9 @@ A table of scores says how good a model is on average, not which photos it gets 
 page shows every photo as a small thumbnail beside its generated caption and, for a labelled
 split, its references and its own CIDEr-D, sorted worst first, with a text filter; above them the
 scores and the run's loss plots. It is one self-contained file (images are base64 data inside it),
-so it opens from disk with no server and can be sent or attached as it is.
+so it opens from disk with no server and can be sent or attached as it is. When the captions carry
+the attention decoder's weights (`caption --report FILE --attention DIR`), each caption has a strip
+of small heat maps under it, one per word: where the decoder looked when it said that word.
 
 Safety: file names, captions, references and error messages come from the user's data, and all of
 them are written as HTML text through html.escape. None of them goes inside the page's only
@@ -39,6 +41,8 @@ if TYPE_CHECKING:  # the captioning module imports torch, which building a page 
     from decoder.captioning import CaptionResult
 
 THUMBNAIL_SIDE = 128  # pixels, the longer side; with JPEG quality 70 a thumbnail is 3-6 KB
+HEATMAP_SIDE = 64  # a word's heat map, as the page shows it (about 1.5 KB)
+HEAT_ALPHA = 0.6  # the heat's share of each pixel, over the photo (as decoder/heatmaps.py draws it)
 JPEG_QUALITY = 70
 
 
@@ -52,8 +56,8 @@ class ReportRow:
     error: str | None = None  # why there is no caption
     references: list[str] = field(default_factory=list)
     cider: float | None = None  # this photo's CIDEr-D against its references
-    # The hook for decoders with attention (none has it yet): for each generated word, the word and
-    # a heat map over the photo as a data: URI (image_data_uri). The page shows them under the caption.
+    # For each generated word, the word and its heat map over the photo as a data: URI
+    # (word_heatmaps); the page shows them under the caption. Empty: no strip.
     attention: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -77,6 +81,29 @@ def image_data_uri(img: Image.Image, side: int = THUMBNAIL_SIDE) -> str:
     buf = io.BytesIO()
     small.save(buf, "JPEG", quality=JPEG_QUALITY, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def word_heatmaps(picture: Image.Image, words: list[str], weights: list[list[float]]) -> list[tuple[str, str]]:
+    """(word, data: URI) for each word: `picture` (the pixels the CNN's map covers) with the word's
+    weights over its R = side x side regions, as decoder/heatmaps.py draws a panel: upsampled
+    bilinearly, scaled to the word's own maximum, in matplotlib's inferno (bright = looked at)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    small = picture.convert("RGB")
+    small.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
+    base = np.asarray(small, dtype=np.float32)
+    inferno = colormaps["inferno"]
+    out = []
+    for word, w in zip(words, weights, strict=True):
+        grid = np.asarray(w, dtype=np.float32)
+        side = int(round(len(grid) ** 0.5))
+        grid = grid.reshape(side, side) / max(float(grid.max()), 1e-12)
+        heat = Image.fromarray(np.uint8(np.clip(grid, 0, 1) * 255)).resize(small.size, Image.BILINEAR)
+        colour = inferno(np.asarray(heat, dtype=np.float32) / 255)[..., :3] * 255
+        mixed = (1 - HEAT_ALPHA) * base + HEAT_ALPHA * colour
+        out.append((word, image_data_uri(Image.fromarray(np.uint8(np.round(mixed))), HEATMAP_SIDE)))
+    return out
 
 
 def thumbnail(photo: Path) -> str | None:
@@ -149,10 +176,23 @@ def evaluation_report(result: dict, run: RunDir, model: str) -> str:
     )
 
 
-def caption_report(results: list[CaptionResult], base: Path, run: RunDir, details: dict[str, str]) -> str:
+def caption_report(
+    results: list[CaptionResult],
+    base: Path,
+    run: RunDir,
+    details: dict[str, str],
+    heatmaps: dict[int, list[tuple[str, str]]] | None = None,
+) -> str:
     """The page of `caption`: unlabelled photos (named by their path under `base`), and the scores
-    the run keeps from its evaluations."""
-    rows = [ReportRow(str(Path(r.image).relative_to(base)), Path(r.image), r.caption, error=r.error) for r in results]
+    the run keeps from its evaluations. `heatmaps`: {i: word_heatmaps of results[i]}, shown under
+    those captions (decoder.captioning.write_heatmaps makes them)."""
+    heatmaps = heatmaps or {}
+    rows = [
+        ReportRow(
+            str(Path(r.image).relative_to(base)), Path(r.image), r.caption, error=r.error, attention=heatmaps.get(i, [])
+        )
+        for i, r in enumerate(results)
+    ]
     return render(
         rows,
         title=f"{len(rows)} photos captioned by {run.name}",
@@ -227,7 +267,7 @@ def _row(index: int, row: ReportRow, scored: bool) -> str:
         caption = _e(row.caption or "")
     if row.attention:
         caption += '<div class="attention">' + "".join(
-            f'<figure><img src="{_e(uri)}" alt="{_e(word)}"><figcaption>{_e(word)}</figcaption></figure>'
+            f'<figure><img class="heat" src="{_e(uri)}" alt="{_e(word)}"><figcaption>{_e(word)}</figcaption></figure>'
             for word, uri in row.attention
         )
         caption += "</div>"
@@ -270,6 +310,7 @@ figure { margin: 0; }
 .thumb { display: block; max-width: 128px; max-height: 128px; }
 .attention { display: flex; flex-wrap: wrap; gap: 0.3em; margin-top: 0.4em; }
 .attention img { width: 64px; }
+.attention figcaption { text-align: center; font-size: 12px; }
 .error { color: #b00; }
 .none { color: #999; }
 td.cider { text-align: right; font-variant-numeric: tabular-nums; }

@@ -5,6 +5,7 @@
     cap([pil_image, "b.png"], beam=5)        # PIL images, paths or a mix -> a list of captions
     cap.caption_folder("photos/")            # -> [CaptionResult(image, caption, error)], errors included
     cap.caption_folder("photos/", attention="heat/")  # attention decoder: + weights per word, PNGs
+    cap.caption_folder("photos/", report="p.html", attention="heat/")  # and the page shows them too
     cap.evaluate("test", report=True)        # scores; RUNDIR/eval/test.{json,html}, test_captions.csv
 
 `caption` and `evaluate` on the command line are this class used once, so a photo gets the same
@@ -104,19 +105,21 @@ class Captioner:
         """Every image under `folder` (recursive, sorted), or `folder` itself when it is a file;
         unreadable files come back with their error. With `report`, also writes the HTML page there.
         With `attention` (a run of the attention decoder), each result also holds the weights behind
-        each word, and a heat-map PNG per photo is written under that folder."""
+        each word, a heat-map PNG per photo is written under that folder, and the page (with
+        `report`) shows a small heat map under each word of each caption."""
         target = Path(folder)
         paths = find_images(target)
         if not paths:
             raise UserError(f"no images under {target} (looked for jpg, png, webp, bmp, gif, tiff)")
         settings = self._settings(decoding)
         results = self._caption(paths, settings, attention=attention is not None)
+        base = target if target.is_dir() else target.parent
+        strips = {} if report is not None else None  # each word's heat map on the page
         if attention is not None:
-            write_heatmaps(self.loaded, paths, results, Path(attention), target if target.is_dir() else target.parent)
+            write_heatmaps(self.loaded, paths, results, Path(attention), base, strips)
         if report is not None:
             details = {"model": self.describe(), "photos": str(target), "decoding": decoding_text(asdict(settings))}
-            base = target if target.is_dir() else target.parent
-            write_report(Path(report), caption_report(results, base, self.run, details))
+            write_report(Path(report), caption_report(results, base, self.run, details, strips))
         return results
 
     def evaluate(self, split: str = "test", *, report: bool = False, write: bool = True, **decoding) -> dict:

@@ -109,7 +109,11 @@ def test_an_ensemble_run_loads_as_one_captioner(trained, photos, tmp_path):
     assert cap(images) == Captioner.load(trained)(images)
 
 
-def test_training_from_python_is_quiet_and_checks_its_options(featurized, photos, tmp_path, capfd):
+def test_training_from_python_is_quiet_and_checks_its_options(featurized, trained, photos, tmp_path, capfd):
+    """legende.train is the CLI's `train`: 1 epoch, then a resume to 2, with the options of the
+    `trained` fixture (`train --epochs 2 --lr 3e-3` + TINY) ends with its weights and captions."""
+    import torch
+
     with pytest.raises(TypeError, match="did you mean epochs"):
         legende.train(featurized, tmp_path / "r", epoch=1)
     with pytest.raises(TypeError, match="hidden_size must be int"):
@@ -120,7 +124,15 @@ def test_training_from_python_is_quiet_and_checks_its_options(featurized, photos
     resumed = legende.train(run_dir=tmp_path / "r", resume=True, epochs=2)
     assert resumed.status == "finished" and resumed.position.epoch == 2
     assert capfd.readouterr() == ("", "")  # quiet by default
-    assert isinstance(Captioner.load(tmp_path / "r")(sorted(photos.glob("*.png"))[0]), str)
+
+    ours, cli = (torch.load(RunDir(r).last, weights_only=True) for r in (tmp_path / "r", trained))
+    assert (ours["epoch"], ours["step"]) == (cli["epoch"], cli["step"]) == (2, resumed.position.step)
+    assert ours["config"]["train"]["lr"] == 3e-3 and ours["model"].keys() == cli["model"].keys()
+    for name, value in cli["model"].items():  # equal up to the order of threaded sums
+        torch.testing.assert_close(ours["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    images = sorted(photos.glob("*.png"))
+    captions = Captioner.load(tmp_path / "r")(images)
+    assert captions == Captioner.load(trained)(images) and all(c.split() for c in captions)
 
 
 def test_the_legende_command_is_installed(tmp_path):

@@ -1,6 +1,7 @@
 """`evaluate` and `caption`: metric files, output formats, bad images, mismatched stores."""
 
 import csv
+import hashlib
 import json
 import shutil
 
@@ -123,11 +124,27 @@ def test_a_store_serves_another_split_of_the_same_images(featurized, tmp_path):
     shutil.copytree(featurized, other)
     manifest = other / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    old_train = sum(len(row["captions"]) for row in rows if row["split"] == "train")
     for i, row in enumerate(rows):
         row["split"] = ("train", "train", "val", "test")[i % 4]
     manifest.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    out = run_cli("train", other, "--run", tmp_path / "r", "--epochs", 1, *TINY)
-    assert "done" in out.stderr
+    [store] = (other / "features").glob("*.h5")
+    before = hashlib.sha256(store.read_bytes()).hexdigest()
+    run = tmp_path / "r"
+    out = run_cli("train", other, "--run", run, "--epochs", 1, *TINY)
+
+    # one epoch over the new split's training captions (batches of 8), not the old split's
+    new_train = sum(len(row["captions"]) for row in rows if row["split"] == "train")
+    steps = -(-new_train // 8)
+    assert steps != -(-old_train // 8)
+    assert f"done: {run} after 1 epochs ({steps} steps)" in out.stderr
+    with open(RunDir(run).batches_csv, newline="") as f:
+        assert len(list(csv.DictReader(f))) == steps
+    with open(RunDir(run).epochs_csv, newline="") as f:
+        [epoch] = list(csv.DictReader(f))
+    assert epoch["phase"] == "decoder" and float(epoch["val_loss"]) > 0
+    assert json.loads((run / "config.json").read_text())["train"]["workdir"] == str(other)
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == before  # the store is read, never rewritten
 
 
 def test_checkpoint_store_identity_is_checked(featurized):

@@ -1,20 +1,34 @@
-"""The HTML report: per-photo CIDEr-D, escaping of the user's data, and the page in a real browser
-(headless Chromium through playwright: it renders, thumbnails load, sorting and filtering work,
-and hostile file names and captions stay text)."""
+"""The HTML report: per-photo CIDEr-D, escaping of the user's data, the attention decoder's heat
+maps under each caption, and the page in a real browser (headless Chromium through playwright: it
+renders, thumbnails and heat maps load, sorting and filtering work, and hostile file names and
+captions stay text)."""
 
 import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from decoder.heatmaps import seen_picture
+from decoder.inference import Inputs, crop_policy
 from decoder.metrics import score_captions
-from decoder.report import ReportRow, image_data_uri, per_image_cider, render, saved_scores, write_report
+from decoder.report import (
+    HEATMAP_SIDE,
+    ReportRow,
+    image_data_uri,
+    per_image_cider,
+    render,
+    saved_scores,
+    word_heatmaps,
+    write_report,
+)
 from legende import Captioner
+from store.images import open_image
 from store.rundir import RunDir
-from tests.helpers import run_cli
+from tests.helpers import TINY, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; playwright must never download a browser
 CHROMIUM_ARGS = [
@@ -91,11 +105,38 @@ def test_user_data_is_text_in_the_page(tmp_path):
     assert "&lt;/script&gt;&lt;script&gt;alert(3)" in page and "&lt;!-- a cat" in page
 
 
-def test_the_attention_hook_shows_a_heat_map_per_word(tmp_path):
+def test_a_row_with_attention_shows_a_heat_map_per_word(tmp_path):
     heat = image_data_uri(Image.new("L", (8, 8), 128))
     row = ReportRow("p.png", None, "a dog", attention=[("a", heat), ("<dog>", heat)])
     page = render([row], title="t", details={}, scores=[], notes=[], plots=[])
-    assert page.count('<div class="attention">') == 1 and 'alt="&lt;dog&gt;"' in page
+    assert page.count('<div class="attention">') == 1 and page.count(f'<img class="heat" src="{heat}"') == 2
+    assert page.index('alt="a"') < page.index('alt="&lt;dog&gt;"') and "<figcaption>&lt;dog&gt;</figcaption>" in page
+
+
+def _decode(uri: str) -> np.ndarray:
+    import base64
+    import io
+
+    assert uri.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32)
+
+
+def test_a_words_heat_map_is_bright_where_it_looked():
+    """Over a grey picture, each word's map is brightest on the region its weights favour: the
+    weights are the 2x2 regions' (row-major), each map scaled to its own maximum."""
+    picture = Image.new("RGB", (300, 300), (128, 128, 128))
+    weights = [[0.97, 0.01, 0.01, 0.01], [0.0, 0.0, 0.1, 0.9]]
+    [(w1, top_left), (w2, bottom_right)] = word_heatmaps(picture, ["a", "dog"], weights)
+    assert (w1, w2) == ("a", "dog")
+    first, second = _decode(top_left), _decode(bottom_right)
+    assert first.shape == second.shape == (HEATMAP_SIDE, HEATMAP_SIDE)
+    half = HEATMAP_SIDE // 2
+    quarters = [(slice(0, half), slice(0, half)), (slice(0, half), slice(half, None))]
+    quarters += [(slice(half, None), slice(0, half)), (slice(half, None), slice(half, None))]
+    assert int(np.argmax([first[q].mean() for q in quarters])) == 0
+    assert int(np.argmax([second[q].mean() for q in quarters])) == 3
+    assert second[quarters[3]].mean() > second[quarters[0]].mean() + 60  # bright against dark, not a tint
 
 
 def test_a_caption_page_shows_the_evaluations_the_run_keeps(tmp_path):
@@ -133,14 +174,14 @@ def open_report(browser, path: Path):
 
 
 def check_safe_and_loaded(page, events, rows: int) -> None:
-    """Rendered, every thumbnail decoded, nothing run or injected."""
+    """Rendered, every thumbnail and heat map decoded, nothing run or injected."""
     assert page.title().startswith("légende: ")
     assert page.locator("#photos tbody tr").count() == rows
     assert page.inner_text("#count") == f"{rows} of {rows} photos"  # the page's script ran
-    widths = page.eval_on_selector_all("img.thumb", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+    widths = page.eval_on_selector_all("img.thumb, img.heat", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(w > 0 for w in widths)
     assert page.locator("script").count() == 1
-    assert page.locator("svg, b, img:not(.thumb):not(.plot)").count() == 0
+    assert page.locator("svg, b, img:not(.thumb):not(.plot):not(.heat)").count() == 0
     handlers = "[...document.querySelectorAll('*')].flatMap(e => [...e.attributes].map(a => a.name))"
     assert not [a for a in page.evaluate(handlers) if a.startswith("on")]
     assert events == {"dialogs": [], "errors": [], "console": []}
@@ -194,3 +235,52 @@ def test_the_report_in_a_browser(browser, trained, featurized, tmp_path, monkeyp
     assert visible(page, "td.caption") == [HOSTILE["caption"], "a dog runs", HOSTILE["error"]]
     assert visible(page, "td.references li")[:2] == HOSTILE["references"]
     assert page.title() == "légende: " + HOSTILE["caption"]
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory) -> Path:
+    """A tiny attention decoder trained for 1 epoch on 12 synthetic scenes, whose store keeps the
+    centre crop's 3x3 feature map (crops of 139 px): RUNDIR."""
+    root = tmp_path_factory.mktemp("attention")
+    run_cli("synth", root / "synth", "--n", 12, "--seed", 2, "--size", 120)
+    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
+    run_cli(
+        "featurize", root / "work", "--weights", "none", "--workers", 0, "--resize", 150, "--crop-size", 139,
+        "--maps", "centre", "--precision", "fp32",
+    )  # fmt: skip
+    run_cli("train", root / "work", "--run", root / "run", "--epochs", 1, "--decoder", "attention", *TINY)
+    return root / "run"
+
+
+def test_a_caption_page_shows_where_each_word_looked(browser, attention_run, tmp_path):
+    """`caption --report --attention`: under each caption, one heat map per word, in the caption's
+    order, each drawn from that photo's own weights; a photo that could not be read has none."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((attention_run.parent / "synth" / "images").glob("*.png"))[:2]:
+        shutil.copy(image, photos / image.name)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    cap = Captioner.load(attention_run, workers=0)
+    results = cap.caption_folder(photos, report=tmp_path / "photos.html", attention=tmp_path / "heat")
+    by_name = {Path(r.image).name: r for r in results}
+    assert by_name["broken.jpg"].error.startswith("cannot decode") and sum(r.error is None for r in results) == 2
+    policy, full_view = crop_policy(cap.loaded.state), Inputs.of(cap.loaded.state).full_view
+    expected = {  # drawn over what the CNN saw of each photo: its centre crop
+        Path(r.image).name: word_heatmaps(
+            seen_picture(open_image(Path(r.image)), policy, full_view), r.caption.split(), r.attention
+        )
+        for r in results
+        if r.error is None
+    }
+    assert all(len(strip) == len(by_name[name].caption.split()) > 0 for name, strip in expected.items())
+
+    page, events = open_report(browser, tmp_path / "photos.html")
+    check_safe_and_loaded(page, events, 3)
+    shown = page.eval_on_selector_all(
+        "#photos tbody tr",
+        "rows => rows.map(r => [r.querySelector('.name').textContent,"
+        " [...r.querySelectorAll('img.heat')].map(i => [i.alt, i.getAttribute('src'), i.naturalWidth])])",
+    )
+    assert {name: [(alt, src) for alt, src, _ in heat] for name, heat in shown} == {"broken.jpg": [], **expected}
+    assert all(0 < width <= HEATMAP_SIDE for _, heat in shown for _, _, width in heat)
+    page.screenshot(path=tmp_path / "attention-report.png", full_page=True)
