@@ -494,7 +494,7 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
     help="Attention decoder: write a heat-map PNG per photo (a panel per word) under this folder; "
-    "JSON output also gets each word's weights over the regions.",
+    "JSON output also gets each word's weights over the regions, and a --report page a heat map under each word.",
 )
 @click.option("--batch-size", default=16, help="Images per forward pass.")
 @click.option("--workers", default=2, help="Processes decoding images.")
