@@ -8,8 +8,8 @@ decoder epoch is timed in full, for the pooled decoder and, when the store has f
 memory is reported (the features or maps in RAM included); the end-to-end epoch (decode + resize + random 299 crop with
 torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
 few batches and extrapolated to the same number of batches. Both run here, in this process.
-Each decoder trains with its own defaults (decoder/train.py DECODER_DEFAULTS: the attention decoder
-groups its batches by photo, 64 captions each).
+Each decoder trains with its own defaults for this many captions (decoder/train.py decoder_defaults:
+from 20,000 training captions the attention decoder groups its batches by photo, 64 captions each).
 
 --profile N prints where an attention step's time goes: torch.profiler over N batches, by operator.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoder import data as D  # noqa: E402
 from decoder.captioners import build_captioner, reads_maps  # noqa: E402
 from decoder.model import Captioner, CaptionerConfig, caption_loss, split_output  # noqa: E402
-from decoder.train import DECODER_DEFAULTS, FeatureData, TrainConfig  # noqa: E402
+from decoder.train import FeatureData, TrainConfig, decoder_defaults  # noqa: E402
 from featurize.encoder import build_inception  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
@@ -50,7 +50,7 @@ def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float,
         torch.manual_seed(0)
         config = CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder)
         model = build_captioner(config)
-        defaults = {k: v for k, v in DECODER_DEFAULTS[decoder].items() if k not in ("epochs", "select_by")}
+        defaults = {k: v for k, v in decoder_defaults(decoder, len(train)).items() if k not in ("epochs", "select_by")}
         cfg = TrainConfig(workdir=str(workdir), store=str(store.path), **defaults)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         data = FeatureData(store, train, val, cfg, maps=reads_maps(config))

@@ -239,7 +239,7 @@ def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featuri
     run_cli("train", mapped, "--run", tmp_path / "a", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["model"]["decoder"] == "attention" and config["train"]["select_by"] == "cider"
-    assert config["train"]["group_by_photo"] and config["train"]["lr"] == 4e-4
+    assert not config["train"]["group_by_photo"] and config["train"]["lr"] == 3e-4  # small data: batches of 32
     assert config["train"]["epochs"] == 1 and config["train"]["batch_size"] == 8  # what the user gave wins
     run_cli("train", featurized, "--run", tmp_path / "p", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
@@ -315,3 +315,12 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
                 torch.testing.assert_close(grouped_loss, caption_loss(model(expanded, ca)[0], ca))
         # at most each photo's 2 crops, plus a photo that a batch boundary cuts: not one map per caption
         assert maps_read <= 2 * len(set(train.rows.tolist())) + in_ram.num_batches < len(train)
+
+
+def test_the_attention_decoder_groups_batches_of_64_by_photo_from_20000_training_captions():
+    from decoder.train import LARGE_DATA_CAPTIONS, decoder_defaults
+
+    small, large = decoder_defaults("attention", LARGE_DATA_CAPTIONS - 1), decoder_defaults("attention", 29_981)
+    assert small == {"epochs": 12, "select_by": "cider"}  # TrainConfig's batches of 32 at lr 3e-4, ungrouped
+    assert large == {**small, "group_by_photo": True, "batch_size": 64, "lr": 4e-4}
+    assert decoder_defaults("pooled", 10**6) == {}
