@@ -14,10 +14,11 @@ process timed from outside:
 - `cli.py caption` of 100 dev photos, end to end (model load, CNN, search, re-ranking).
 
 Seconds and peak resident memory of each step go to OUT/scale.json as they come (a step already
-there is skipped, so an interrupted bench continues), with the table in OUT/scale.md. The
-original's end-to-end epoch (Inception forward and backward on 299 crops with the LSTM, batch 32)
-is timed on a few batches once and scaled to each N's captions. Everything runs one step at a time:
-two heavy processes on 2 cores slow each other several times over.
+there is skipped, so an interrupted bench continues), with the cost table in OUT/scale.md and the
+dev scores in OUT/learning.md. The original's end-to-end epoch (Inception forward and backward on
+299 crops with the LSTM, batch 32) is timed on a few batches once and scaled to each N's captions.
+Everything runs one step at a time: two heavy processes on 2 cores slow each other several times
+over.
 """
 
 from __future__ import annotations
@@ -204,6 +205,24 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def learning_curve(results: dict) -> str:
+    """Caption quality on the dev photos against training photos: scores x100 and diversity."""
+    lines = [
+        "| training photos | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | distinct /100 | words used "
+        "| most frequent 3-gram (% of captions) |",
+        "|" + "---|" * 9,
+    ]
+    for n, r in sorted(((int(k), v) for k, v in results.items() if k.isdigit()), key=lambda kv: kv[0]):
+        if "dev_quality" not in r:
+            continue
+        sc, q = r["dev_scores"], r["dev_quality"]
+        cells = [f"{n:,}", *(f"{sc.get(m, float('nan')):.1f}" for m in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L"))]
+        cells += [f"{sc['CIDEr-D']:.1f} ± {q['cider_se']:.1f}", f"{q['distinct']:.0f}", f"{q['vocabulary']}"]
+        cells.append(f'"{q["top_3gram"]}" ({q["top_3gram_share"]:.0f})')
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(a: argparse.Namespace) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "scale.json"
@@ -214,6 +233,7 @@ def main(a: argparse.Namespace) -> None:
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(path)
         (a.out / "scale.md").write_text(table(results))
+        (a.out / "learning.md").write_text(learning_curve(results))
 
     for n in (int(s) for s in a.sizes.split(",")):
         measure(n, a, results, save)
@@ -222,7 +242,7 @@ def main(a: argparse.Namespace) -> None:
                 end_to_end_batch_seconds(a.out.resolve() / str(n) / "work", a.e2e_batches), 2
             )
             save()
-        print(table(results), flush=True)
+        print(table(results), learning_curve(results), sep="\n", flush=True)
 
 
 if __name__ == "__main__":
