@@ -215,10 +215,10 @@ class DecoderPhase:
             f"{sum(p.numel() for p in model.parameters()):,} parameters, batches of {cfg.batch_size} captions"
             f"{' grouped by photo' if maps and cfg.group_by_photo else ''}, lr {cfg.lr:g}"
         )
-        if not maps and store.num_crops == 1:
-            banner += (
-                f"\nnote: {store.path.name} has one crop per photo, so the pooled decoder trains without crop "
-                "augmentation (featurize --crops 5 --overwrite gives it 5)"
+        if not maps and store.num_crops == 1:  # said first: the banner's line ends with the CPU threads
+            banner = (
+                f"note: {store.path.name} has one crop per photo, so the pooled decoder trains without crop "
+                f"augmentation (featurize --crops 5 --overwrite gives it 5)\n{banner}"
             )
         return Built(fit, config, Position(), banner)
 
