@@ -371,7 +371,7 @@ def train(workdir, run_dir, phase, resume, members, max_minutes, weights, **opti
 
     Example: python cli.py train data/work --epochs 40, then python cli.py train --resume
     """
-    from decoder.recipe import train_run
+    from training.recipe import train_run
 
     outcome = train_run(
         workdir,
@@ -415,8 +415,8 @@ def plot(run_dir):
 
 def decoding_options(fn):
     """The options that choose how captions are decoded, shared by evaluate and caption; their
-    defaults are decoder.decoding.Decoding's."""
-    from decoder.decoding import Decoding
+    defaults are decoder.decoding_options.Decoding's."""
+    from decoder.decoding_options import Decoding
 
     d = Decoding()
     options = [
@@ -520,7 +520,7 @@ def caption(target, run_dir, checkpoint, fmt, out, report, attention, batch_size
     from rich.table import Table
     from rich.text import Text
 
-    from decoder.captioning import format_results
+    from decoder.caption_photos import format_results
     from legende import Captioner
     from store.files import atomic_write_bytes
 

@@ -5,7 +5,7 @@
 
 Each step is a real `python cli.py ...` command run in a subprocess, printed before it runs and
 timed; at the end come the captions of held-out images beside a reference, the metrics and the
-time each step took, the path of the test split's HTML report (decoder/report.py), and the next
+time each step took, the path of the test split's HTML report (evaluation/report.py), and the next
 commands to type, each with `--run` naming the demo's run. The store keeps the centre crop's
 feature map, so `train` picks the attention decoder (the default on a store with maps), and the
 held-out images get heat maps of what the decoder looked at for each word, in ROOT/heatmaps/.

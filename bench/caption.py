@@ -3,7 +3,7 @@
     python bench/caption.py DIR [--run RUNDIR] [--limit 64] [--other-run RUNDIR2]
 
 Loads the run once, then captions the same images in this process with greedy decoding, with
-the old default (beam 3), and with today's defaults (decoder.decoding.Decoding: beam 3 and
+the old default (beam 3), and with today's defaults (decoder.decoding_options.Decoding: beam 3 and
 re-ranking), and prints each speed against the old default's, measured in the same run. With
 --other-run (e.g. a pooled decoder against an attention one), that run's captioner is timed
 the same way, in the same process, and its rows are printed with its name.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decoder.captioning import caption_images, find_images  # noqa: E402
-from decoder.decoding import Decoding  # noqa: E402
+from decoder.caption_photos import caption_images, find_images  # noqa: E402
+from decoder.decoding_options import Decoding  # noqa: E402
 from decoder.inference import load_run  # noqa: E402
 
 

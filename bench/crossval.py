@@ -124,7 +124,7 @@ def centre_features(store: FeatureStore, rows: list[int]) -> np.ndarray:
 
 
 def score_rows(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict:
-    from decoder.metrics import diversity, score_captions
+    from evaluation.metrics import diversity, score_captions
 
     scores, _ = score_captions(references, hypotheses)
     return {**{k: round(100 * v, 2) for k, v in scores.items()}, **diversity(hypotheses)}
@@ -149,8 +149,8 @@ def run_recipe(
 ) -> tuple[dict, dict[str, str], float]:
     """Train the phases in turn (each later phase continues a copy of the run after the phases
     before it, so recipes sharing a start share its training), then score best.pt on the test split."""
-    from decoder.evaluate import evaluate_run
     from decoder.inference import load_run
+    from evaluation.evaluate import evaluate_run
 
     seconds, previous = 0.0, None
     for i in range(len(phases)):
@@ -172,7 +172,7 @@ def run_recipe(
     loaded = load_run(previous)
     result = evaluate_run(loaded, previous, split=split, write=False, **decode)
     hyps = {rec.id: hyp for rec, hyp in result["captions"]}
-    from decoder.metrics import diversity
+    from evaluation.metrics import diversity
 
     scores = {**{k: round(100 * v, 2) for k, v in result["scores"].items()}, **diversity(hyps)}
     return scores, hyps, seconds

@@ -318,9 +318,9 @@ def resume_report(phase: str, ref: str, repeat: str, resumed: str, gpu_used: str
     elif gpu_used == "true":
         why = (
             "not exact although two uninterrupted runs agree: state is lost on resume. Checkpoints hold only the CPU "
-            "RNG (torch.get_rng_state in decoder/loop.py _checkpoint / restore_rng), not torch.cuda's, and every "
-            "session reseeds all devices (torch.manual_seed in decoder/phase.py _train), so dropout on the GPU draws "
-            f"other masks after a resume (largest difference {diff:.3g})"
+            "RNG (torch.get_rng_state in training/loop.py _checkpoint / restore_rng), not torch.cuda's, and every "
+            "session reseeds all devices (torch.manual_seed in training/skeleton.py _train), so dropout on the GPU "
+            f"draws other masks after a resume (largest difference {diff:.3g})"
         )
     else:
         why = (

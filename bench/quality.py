@@ -5,7 +5,7 @@
 
 DATA is anything `python cli.py prepare` reads (a folder, Flickr8k's captions.txt, a CSV, parquet;
 with --hf, a Hugging Face dataset id). The steps run as the user would run them, through cli.py
-in subprocesses; only the scoring of a checkpoint calls the library (decoder.evaluate.evaluate_run)
+in subprocesses; only the scoring of a checkpoint calls the library (evaluation.evaluate.evaluate_run)
 so that several decoding settings can be scored on one checkpoint:
 
     prepare DATA --out OUT/work                          (--min-word-count, columns ...)
@@ -155,8 +155,8 @@ def cli(*args: str, log: Path) -> float:
 
 def score(checkpoint: Path, decode: dict) -> tuple[dict, float, dict]:
     """(scores x100, seconds, raw result) of a checkpoint on the validation split."""
-    from decoder.evaluate import evaluate_run
     from decoder.inference import load_captioner
+    from evaluation.evaluate import evaluate_run
 
     started = time.perf_counter()
     loaded = load_captioner(checkpoint)

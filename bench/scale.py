@@ -93,7 +93,7 @@ def dev_quality(run: Path, resamples: int = 1000) -> dict:
     import numpy as np
     from pycocoevalcap.cider.cider import Cider
 
-    from decoder.metrics import diversity
+    from evaluation.metrics import diversity
     from store.text import normalize_caption
 
     with open(run / "eval" / "val_captions.csv", newline="") as f:
@@ -115,9 +115,9 @@ def train_captions(work: Path) -> int:
 def end_to_end_batch_seconds(work: Path, batches: int) -> float:
     """Seconds per batch of 32 of the original's end-to-end training step (bench/decoder_epoch.py)."""
     from bench.decoder_epoch import end_to_end_batches
-    from decoder import data as D
     from store.manifest import read_manifest
     from store.text import Vocabulary
+    from training import data as D
 
     records = read_manifest(work)
     vocab = Vocabulary.load(work / "vocab.json")

@@ -1,1 +1,2 @@
-"""Vectors to words: the LSTM captioner, search, the training phases on one skeleton, metrics, inference."""
+"""Vectors to words: the captioners (pooled, attention), greedy and beam search, ensembles, CIDEr-D and
+consensus re-ranking, and captioning photos with a trained run (inference)."""

@@ -12,6 +12,11 @@ tests/test_cider.py checks equality with pycocoevalcap to 1e-6.
     cider = CiderD(corpus)                         # corpus: each image's reference captions
     refs = cider.references(["a dog runs", ...])
     cider.score(["a dog runs on grass", "a cat"], refs)   # -> array of 2 scores
+
+It lives in decoder/, the lowest of the packages that use it: consensus re-ranking
+(decoder/consensus.py) scores captions with it at decoding time, and above decoder/ the report's
+per-photo scores (evaluation/report.py) and the self-critical reward (training/phases/scst.py) use
+the same scorer. The corpus scores of `evaluate` come from pycocoevalcap (evaluation/metrics.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from decoder.captioners import reads_maps
+from decoder.factory import reads_maps
 from store.errors import UserError
 from store.features import FEATURE_IDENTITY
 

@@ -1,4 +1,5 @@
-"""From a checkpoint and images (or cached features) to sentences: shared by `caption` and `evaluate`.
+"""From a checkpoint and images (or cached features) to sentences: shared by `caption`, `evaluate`
+and the validation CIDEr-D of training.
 
 A checkpoint rebuilds its own captioner (config + weights + vocabulary). The CNN is rebuilt from the
 weights the feature store was made with (recorded in the checkpoint), replaced by the fine-tuned
@@ -11,17 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from decoder.captioners import build_captioner, reads_maps
 from decoder.consensus import Neighbours
 from decoder.consensus import rerank as consensus_rerank
 from decoder.ensemble import Ensemble, check_members_agree
+from decoder.factory import build_captioner, reads_maps
 from decoder.model import CaptionerConfig
 from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
+from featurize.encoder import checkpoint_encoder
 from featurize.pipeline import encode_full_view, encode_with_maps, prepare_for_inference
 from store.checkpoints import load_checkpoint
 from store.errors import UserError
@@ -34,7 +37,7 @@ from store.text import Vocabulary
 
 @dataclass
 class LoadedCaptioner:
-    model: torch.nn.Module  # a captioner (decoder/captioners.py) or an Ensemble of them
+    model: torch.nn.Module  # a captioner (decoder/factory.py) or an Ensemble of them
     vocab: Vocabulary
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
     path: Path
@@ -137,21 +140,10 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
     return loaded.neighbours
 
 
-def build_encoder(state: dict) -> torch.nn.Module:
-    """The CNN that made the features this checkpoint was trained on (fine-tuned if joint)."""
-    from featurize.encoder import build_inception
-
-    store = state.get("store", {})
-    encoder = build_inception(str(store.get("weights_path") or store.get("weights", "google2015")))
-    if "encoder" in state:
-        encoder.load_state_dict(state["encoder"])
-    return encoder.eval()
-
-
 def inference_encoder(state: dict) -> torch.nn.Module:
-    """build_encoder prepared the way featurize runs it (batch norm folded, channels_last): faster,
-    and the features of a new photo come out of the same arithmetic as the stored ones."""
-    return prepare_for_inference(build_encoder(state))
+    """checkpoint_encoder prepared the way featurize runs it (batch norm folded, channels_last):
+    faster, and the features of a new photo come out of the same arithmetic as the stored ones."""
+    return prepare_for_inference(checkpoint_encoder(state))
 
 
 def inference_precision(state: dict) -> str:
@@ -248,6 +240,14 @@ def _encode(encoder, images: torch.Tensor, policy: CropPolicy, tta: bool, precis
     if inputs.maps and inputs.maps_crops:  # TTA over the maps training saw, as evaluate averages them
         out = out[:, : inputs.maps_crops]
     return out.mean(1)
+
+
+def centre_inputs(store: FeatureStore, rows: list[int], maps: bool) -> torch.Tensor:
+    """The centre crop's pooled features (n, D), or with `maps` its regions (n, R, D), as float32.
+    Maps are read one crop per row: a block of every crop's maps would be K times the memory."""
+    if maps:
+        return torch.from_numpy(store.read_maps(np.asarray(rows), np.zeros(len(rows), np.int64)).astype(np.float32))
+    return torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))
 
 
 def check_tta(state: dict, tta: bool) -> None:

@@ -1,4 +1,4 @@
-"""The Show-and-Tell captioner: an image vector becomes the LSTM's first input, then words follow.
+"""The pooled (Show-and-Tell) captioner: an image vector becomes the LSTM's first input, then words follow.
 
 The image enters as the *first input* rather than as the initial (h, c) state, as in Show and
 Tell (Vinyals et al. 2015): the LSTM's own gates learn how much of the image to write into its
@@ -8,7 +8,8 @@ trained to predict `<start>` (a constant that wastes capacity): `<start>` is the
 the loss covers only the words after it.
 
 Decoding goes through `init_state(features)` and `step(tokens, state)` so that greedy and beam
-search (decoder/search.py) are written once for every phase.
+search (decoder/search.py) are written once for every phase. `CaptionerConfig` configures every
+captioner (decoder/factory.py builds the one it names) and `caption_loss` is the loss all phases train.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class CaptionerConfig:
         return asdict(self)
 
 
-class Captioner(nn.Module):
+class PooledCaptioner(nn.Module):
+    """Reads one pooled vector per photo (B, D). The public API's `legende.Captioner` is another
+    thing: a trained run loaded to caption photos."""
+
     def __init__(self, config: CaptionerConfig):
         super().__init__()
         self.config = config

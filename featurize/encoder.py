@@ -287,6 +287,18 @@ def export_finetuned(run_dir: Path) -> Path:
     raise UserError(f"{run_dir} has no joint-phase checkpoint with a fine-tuned CNN: run `train --phase joint` first")
 
 
+def checkpoint_encoder(state: dict) -> InceptionEncoder:
+    """The CNN that made the features a checkpoint was trained on (fine-tuned if joint), in eval mode.
+
+    Here rather than in a phase or in inference because both need it: the joint phase starts
+    from it, and captioning new photos must see the features the decoder was trained on."""
+    store = state.get("store", {})
+    encoder = build_inception(str(store.get("weights_path") or store.get("weights", "google2015")))
+    if "encoder" in state:
+        encoder.load_state_dict(state["encoder"])
+    return encoder.eval()
+
+
 def encoder_info(weights: str = "google2015") -> dict[str, str]:
     """What identifies the encoder's output: name, weights and the sha256 of the weights file.
 

@@ -10,8 +10,8 @@
 The command line (cli.py, the `legende` command) calls these, so both give the same captions.
 """
 
-from decoder.captioning import CaptionResult
-from decoder.decoding import Decoding
+from decoder.caption_photos import CaptionResult
+from decoder.decoding_options import Decoding
 from legende.captioner import Captioner
 from legende.training import train
 

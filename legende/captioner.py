@@ -12,8 +12,8 @@
 caption from Python as from the CLI. What is slow to build is built once and kept: the decoder
 (or the ensemble's decoders) and vocabulary by `load`, the CNN on the first photo (Inception v3
 with its batch norm folded takes longer to build than a photo takes to encode), the re-ranking
-neighbours on the first re-ranking. The decoding options default to decoder.decoding.Decoding's,
-for every call, unless `load` or the call says otherwise.
+neighbours on the first re-ranking. The decoding options default to
+decoder.decoding_options.Decoding's, for every call, unless `load` or the call says otherwise.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from decoder.captioning import CaptionResult, caption_images, find_images, write_heatmaps
-from decoder.decoding import Decoding
+from decoder.caption_photos import CaptionResult, caption_images, find_images
+from decoder.decoding_options import Decoding
 from decoder.ensemble import Ensemble
-from decoder.evaluate import evaluate_run
 from decoder.inference import LoadedCaptioner, Photo, load_run
-from decoder.report import caption_report, decoding_text, evaluation_report, write_report
+from evaluation.evaluate import evaluate_run
+from evaluation.heatmaps import write_heatmaps
+from evaluation.report import caption_report, decoding_text, evaluation_report, write_report
 from store.errors import UserError
 from store.images import to_rgb
 from store.rundir import RunDir
@@ -123,9 +124,9 @@ class Captioner:
         return results
 
     def evaluate(self, split: str = "test", *, report: bool = False, write: bool = True, **decoding) -> dict:
-        """decoder.evaluate.evaluate_run on the run's split: scores, notes and the captions. `write`
-        keeps RUNDIR/eval/<split>.json and _captions.csv; `report` also writes RUNDIR/eval/<split>.html,
-        whose path is then result["report"]."""
+        """evaluation.evaluate.evaluate_run on the run's split: scores, notes and the captions.
+        `write` keeps RUNDIR/eval/<split>.json and _captions.csv; `report` also writes
+        RUNDIR/eval/<split>.html, whose path is then result["report"]."""
         settings = self._settings(decoding)
         result = evaluate_run(self.loaded, self.run.path, split=split, write=write, **asdict(settings))
         if report:

@@ -5,10 +5,11 @@
     legende.train(run_dir=outcome.run_dir, phase="joint", max_minutes=60)
     legende.train(resume=True)                                         # the latest run, where it stopped
 
-The options are the fields of the dataclasses that document them: decoder.train.TrainConfig,
-decoder.model.CaptionerConfig, decoder.joint.JointConfig and decoder.scst.ScstConfig. A misspelt
-name or a value of the wrong type is a TypeError at once, rather than a silently ignored option
-or a failure after the data is loaded. Training says nothing unless `console` asks it to.
+The options are the fields of the dataclasses that document them:
+training.phases.decoder.TrainConfig, decoder.model.CaptionerConfig, training.phases.joint.JointConfig
+and training.phases.scst.ScstConfig. A misspelt name or a value of the wrong type is a TypeError at
+once, rather than a silently ignored option or a failure after the data is loaded. Training says
+nothing unless `console` asks it to.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import get_type_hints
 
 from rich.console import Console
 
-from decoder.loop import Outcome
+from training.loop import Outcome
 
 # Fields the phases fill in themselves, from the data and the feature store.
 NOT_OPTIONS = frozenset({"workdir", "store", "vocab_size", "feature_dim"})
@@ -32,10 +33,10 @@ NOT_OPTIONS = frozenset({"workdir", "store", "vocab_size", "feature_dim"})
 def option_types() -> dict[str, type]:
     """{option name: its type} over the four options dataclasses (imported on use: the joint
     phase's module pulls in the CNN)."""
-    from decoder.joint import JointConfig
     from decoder.model import CaptionerConfig
-    from decoder.scst import ScstConfig
-    from decoder.train import TrainConfig
+    from training.phases.decoder import TrainConfig
+    from training.phases.joint import JointConfig
+    from training.phases.scst import ScstConfig
 
     types: dict[str, type] = {}
     for config in (TrainConfig, CaptionerConfig, JointConfig, ScstConfig):
@@ -86,7 +87,7 @@ def train(
     checkpoint after this long. `weights`: which feature store of `workdir`. `console`: False says
     nothing, True prints the CLI's progress on stderr, or give a rich Console. `options`: epochs,
     batch_size, lr, hidden_size, ... (see option_types())."""
-    from decoder.recipe import train_run
+    from training.recipe import train_run
 
     if console is True:
         console = Console(stderr=True)

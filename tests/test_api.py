@@ -14,7 +14,7 @@ from PIL import Image
 
 import legende
 from cli import main
-from decoder.decoding import Decoding
+from decoder.decoding_options import Decoding
 from legende import Captioner
 from store.errors import UserError
 from store.rundir import RunDir
@@ -47,7 +47,7 @@ def test_api_and_cli_give_identical_captions(trained, photos):
 def test_api_and_cli_evaluate_alike(trained, monkeypatch):
     """`evaluate --report` is Captioner.evaluate: the same captions and scores, and the page. (Java
     is left out on both sides: it adds METEOR and ~8 s of JVM start-ups, and nothing to compare.)"""
-    monkeypatch.setattr("decoder.metrics.java_available", lambda: False)
+    monkeypatch.setattr("evaluation.metrics.java_available", lambda: False)
     result = CliRunner().invoke(main, ["evaluate", str(trained), "--split", "val", "--beam", "2", "--report"])
     assert result.exit_code == 0, result.output
     written = json.loads(RunDir(trained).eval_json("val").read_text())

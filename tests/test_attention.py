@@ -19,13 +19,13 @@ from decoder.attention import AttentionCaptioner
 from decoder.inference import load_run
 from decoder.model import CaptionerConfig
 from decoder.search import beam_search
-from decoder.train import train_decoder
 from featurize.crops import CropPolicy
 from featurize.encoder import build_inception, regions
 from featurize.pipeline import encode, encode_full_view, encode_with_maps, prepare_for_inference
 from store.features import FeatureStore, find_store
 from store.rundir import RunDir
 from tests.helpers import TINY, one_line_error, run_cli
+from training.phases.decoder import train_decoder
 
 ATTENTION = [*TINY, "--decoder", "attention", "--attention-size", "8"]
 
@@ -247,10 +247,10 @@ def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featuri
 
 
 def test_maps_from_disk_give_the_batches_of_maps_in_memory(mapped):
-    from decoder import data as D
-    from decoder.train import FeatureData, TrainConfig
     from store.manifest import read_manifest
     from store.text import Vocabulary
+    from training import data as D
+    from training.phases.decoder import FeatureData, TrainConfig
 
     records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
     with FeatureStore.open(find_store(mapped)) as store:
@@ -281,12 +281,12 @@ def test_teacher_forcing_gives_what_stepping_one_word_at_a_time_gives():
 
 
 def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_loss(mapped):
-    from decoder import data as D
     from decoder.attention import Regions
     from decoder.model import caption_loss
-    from decoder.train import FeatureData, TrainConfig
     from store.manifest import read_manifest
     from store.text import Vocabulary
+    from training import data as D
+    from training.phases.decoder import FeatureData, TrainConfig
 
     records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
     with FeatureStore.open(find_store(mapped)) as store:
@@ -318,7 +318,7 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
 
 
 def test_the_attention_decoder_groups_batches_of_64_by_photo_from_20000_training_captions():
-    from decoder.train import LARGE_DATA_CAPTIONS, decoder_defaults
+    from training.phases.decoder import LARGE_DATA_CAPTIONS, decoder_defaults
 
     small, large = decoder_defaults("attention", LARGE_DATA_CAPTIONS - 1), decoder_defaults("attention", 29_981)
     assert small == {"epochs": 12, "select_by": "cider"}  # TrainConfig's batches of 32 at lr 3e-4, ungrouped

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from decoder.metrics import score_captions
+from evaluation.metrics import score_captions
 from store.rundir import RunDir
 from tests.helpers import TINY, run_cli
 

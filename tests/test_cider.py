@@ -39,7 +39,7 @@ def test_several_candidates_score_as_they_would_one_by_one():
 
 
 def test_diversity_counts_distinct_captions_words_and_the_most_repeated_3gram():
-    from decoder.metrics import diversity
+    from evaluation.metrics import diversity
 
     hyps = {
         "a": "A man in a red jacket .",

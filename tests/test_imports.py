@@ -1,5 +1,6 @@
-"""The packages import each other in one direction: cli -> decoder -> featurize -> store, and
-cli -> prepare -> store. A cycle between top-level packages fails here, so the rule holds by itself."""
+"""The packages import each other in one direction: cli -> legende -> training -> evaluation ->
+decoder -> featurize -> store, and cli -> prepare -> store; and no training phase imports another.
+A cycle between top-level packages fails here, so the rule holds by itself."""
 
 from __future__ import annotations
 
@@ -8,28 +9,43 @@ from pathlib import Path
 
 from tests.helpers import ROOT
 
-PACKAGES = ("store", "prepare", "featurize", "decoder", "legende")
-# Each package may import only those below it; `cli.py` and `bench/` sit above all of them.
-LAYER = {"store": 0, "prepare": 1, "featurize": 1, "decoder": 2, "legende": 3, "cli": 4}
+PACKAGES = ("store", "prepare", "featurize", "decoder", "evaluation", "training", "legende")
+# Each package may import only those below it; `cli.py`, `bench/` and `tests/` sit above all of them.
+LAYER = {
+    "store": 0,
+    "prepare": 1,
+    "featurize": 1,
+    "decoder": 2,
+    "evaluation": 3,
+    "training": 4,
+    "legende": 5,
+    "cli": 6,
+}
+PHASES = ROOT / "training" / "phases"
+
+
+def imported_modules(path: Path) -> list[str]:
+    """The dotted names of the modules a file imports, those inside functions included (a lazy
+    import is still a dependency)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return names
 
 
 def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
-    """{package: the other top-level packages it imports}, from every import statement in its
-    modules, those inside functions included (a lazy import is still a dependency)."""
+    """{package: the other top-level packages it imports}, from every import statement in its modules."""
     graph: dict[str, set[str]] = {}
     sources = [(p, f) for p in packages for f in sorted((root / p).rglob("*.py"))]
     if (root / "cli.py").is_file():
         sources.append(("cli", root / "cli.py"))
     for package, path in sources:
         targets = graph.setdefault(package, set())
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            targets.update(top for name in names if (top := name.split(".")[0]) in graph or top in packages)
+        tops = {name.split(".")[0] for name in imported_modules(path)}
+        targets.update(top for top in tops if top in graph or top in packages)
         targets.discard(package)
     return graph
 
@@ -65,10 +81,19 @@ def test_every_package_imports_only_packages_below_it():
         assert not upward, f"{package} imports {upward}, which are not below it"
 
 
+def test_no_phase_imports_another():
+    """What two phases share lives below them (training/cached_features.py, training/skeleton.py)."""
+    phases = {p.stem for p in PHASES.glob("*.py")} - {"__init__"}
+    for phase in sorted(phases):
+        others = {f"training.phases.{p}" for p in phases - {phase}}
+        imported = sorted(others.intersection(imported_modules(PHASES / f"{phase}.py")))
+        assert not imported, f"training/phases/{phase}.py imports {imported}"
+
+
 def test_a_reintroduced_cycle_is_found(tmp_path):
     """The check parses real files: a lazy import from store back up into decoder is a cycle."""
     for package, body in {
-        "store": "def f():\n    from decoder.model import Captioner\n",
+        "store": "def f():\n    from decoder.model import PooledCaptioner\n",
         "featurize": "from store import files\n",
         "decoder": "import featurize.crops\nfrom store.files import safe_write\n",
     }.items():

@@ -12,11 +12,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from decoder.joint import JointNet, train_joint
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig, PooledCaptioner
 from featurize.encoder import build_inception
 from store.rundir import RunDir
 from tests.helpers import ROOT, TINY, run_cli
+from training.phases.joint import JointNet, train_joint
 
 JOINT = {"epochs": 1, "batch_size": 8, "workers": 0, "cnn_lr": 1e-4}
 
@@ -37,7 +37,7 @@ def test_batch_norm_statistics_stay_frozen_and_blocks_before_unfreeze_do_not_tra
     torch.manual_seed(0)
     encoder = build_inception("none")
     net = JointNet(
-        encoder, Captioner(CaptionerConfig(vocab_size=6, embed_size=8, hidden_size=8)), "Mixed_7a", None
+        encoder, PooledCaptioner(CaptionerConfig(vocab_size=6, embed_size=8, hidden_size=8)), "Mixed_7a", None
     ).train()
     bn = encoder.Mixed_7c.branch1x1.bn
     before = bn.running_mean.clone()
@@ -52,7 +52,7 @@ def test_unknown_unfreeze_block_is_a_clear_error():
     from store.errors import UserError
 
     with pytest.raises(UserError, match="--unfreeze Mixed_9z: not a block"):
-        JointNet(build_inception("none"), Captioner(CaptionerConfig(vocab_size=6)), "Mixed_9z", None)
+        JointNet(build_inception("none"), PooledCaptioner(CaptionerConfig(vocab_size=6)), "Mixed_9z", None)
 
 
 def test_interrupted_joint_sessions_equal_an_uninterrupted_one(decoder_run, tmp_path):
@@ -125,7 +125,7 @@ def test_joint_checkpoint_captions_with_its_own_encoder(decoder_run, featurized,
     import dataclasses
     import json
 
-    from decoder.decoding import Decoding
+    from decoder.decoding_options import Decoding
     from decoder.inference import encode_photos, generate, load_captioner
     from store.checkpoints import load_checkpoint, save_checkpoint
 

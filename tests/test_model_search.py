@@ -5,18 +5,18 @@ import math
 import pytest
 import torch
 
-from decoder.model import Captioner, CaptionerConfig, caption_loss
+from decoder.model import CaptionerConfig, PooledCaptioner, caption_loss
 from decoder.search import beam_search, greedy
 
 START, END, UNK = 1, 2, 3
 
 
-def tiny_model(vocab_size=10, seed=0, image_as="input", num_layers=1) -> Captioner:
+def tiny_model(vocab_size=10, seed=0, image_as="input", num_layers=1) -> PooledCaptioner:
     torch.manual_seed(seed)
     config = CaptionerConfig(
         vocab_size=vocab_size, feature_dim=16, embed_size=8, hidden_size=8, image_as=image_as, num_layers=num_layers
     )
-    return Captioner(config).eval()
+    return PooledCaptioner(config).eval()
 
 
 def test_forward_predicts_every_word_after_start():
@@ -213,7 +213,7 @@ def test_beam_candidates_are_distinct_and_best_first():
 # --- <unk> is never said -----------------------------------------------------------------------
 
 
-def unk_lover(seed: int, bias: float = 30.0) -> Captioner:
+def unk_lover(seed: int, bias: float = 30.0) -> PooledCaptioner:
     """A tiny decoder whose head pushes every step's probability onto <unk>."""
     model = tiny_model(vocab_size=10, seed=seed)
     with torch.no_grad():
@@ -223,8 +223,8 @@ def unk_lover(seed: int, bias: float = 30.0) -> Captioner:
 
 def test_no_search_ever_says_unk_even_from_a_decoder_that_prefers_it():
     from decoder.ensemble import Ensemble
-    from decoder.scst import SampleNet
     from decoder.search import beam_candidates
+    from training.phases.scst import SampleNet
 
     model, features = unk_lover(seed=0), torch.randn(6, 16)
     first, _ = model.step(torch.full((6,), START), model.init_state(features))

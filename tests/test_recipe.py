@@ -10,18 +10,18 @@ import torch
 from rich.console import Console
 
 from decoder.ensemble import Ensemble
-from decoder.model import Captioner, CaptionerConfig
-from decoder.recipe import Plan, train_run
+from decoder.model import CaptionerConfig, PooledCaptioner
 from decoder.search import beam_search
 from store.rundir import RunDir
 from tests.helpers import TINY, run_cli
+from training.recipe import Plan, train_run
 
 OPTIONS = {"epochs": 1, "embed_size": 16, "hidden_size": 16, "batch_size": 64}  # two batches per step
 
 
-def tiny(seed: int) -> Captioner:
+def tiny(seed: int) -> PooledCaptioner:
     torch.manual_seed(seed)
-    return Captioner(CaptionerConfig(vocab_size=9, feature_dim=6, embed_size=8, hidden_size=8)).eval()
+    return PooledCaptioner(CaptionerConfig(vocab_size=9, feature_dim=6, embed_size=8, hidden_size=8)).eval()
 
 
 def test_an_ensemble_averages_the_members_probabilities():
@@ -77,9 +77,9 @@ def test_members_with_other_vocabularies_are_refused(featurized, ensemble, tmp_p
 )
 def test_a_recipe_interrupted_anywhere_ends_where_an_uninterrupted_one_does(featurized, tmp_path, steps, monkeypatch):
     """Two members, one or two steps each; a session of one batch at a time, resumed until done."""
-    import decoder.recipe
+    import training.recipe
 
-    monkeypatch.setattr(decoder.recipe, "RECIPE", tuple(steps))
+    monkeypatch.setattr(training.recipe, "RECIPE", tuple(steps))
     quiet = Console(file=io.StringIO())
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     first = dict(steps[0][1])

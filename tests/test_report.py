@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decoder.heatmaps import seen_picture
 from decoder.inference import Inputs, crop_policy
-from decoder.metrics import score_captions
-from decoder.report import (
+from evaluation.heatmaps import seen_picture
+from evaluation.metrics import score_captions
+from evaluation.report import (
     HEATMAP_SIDE,
     ReportRow,
     image_data_uri,
@@ -195,7 +195,7 @@ def test_the_report_in_a_browser(browser, trained, featurized, tmp_path, monkeyp
     """A real tiny run's pages (evaluate and caption), and one of hostile data, in headless Chromium.
 
     The evaluation runs without Java: it would add METEOR and ~8 s of JVM start-ups, nothing to the page."""
-    monkeypatch.setattr("decoder.metrics.java_available", lambda: False)
+    monkeypatch.setattr("evaluation.metrics.java_available", lambda: False)
     result = Captioner.load(trained).evaluate("val", report=True, write=False)
     page, events = open_report(browser, result["report"])
     check_safe_and_loaded(page, events, result["images"])

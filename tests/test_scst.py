@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 
 from decoder.cider import CiderD
-from decoder.scst import SelfCritical, train_scst
 from store.errors import UserError
 from store.rundir import RunDir
 from store.text import Vocabulary
 from tests.helpers import TINY, run_cli
+from training.phases.scst import SelfCritical, train_scst
 
 SCST = {"epochs": 2, "batch_size": 4, "lr": 1e-3}
 
@@ -100,12 +100,12 @@ def test_samples_follow_the_rules_of_search_and_score_the_policy_they_were_drawn
     """No <unk> and no empty caption, even from a decoder that prefers both; each token's
     log-probability is under the distribution it was drawn from (renormalised over the allowed
     words), and the loss backpropagates."""
-    from decoder.model import Captioner, CaptionerConfig
-    from decoder.scst import SampleNet
+    from decoder.model import CaptionerConfig, PooledCaptioner
+    from training.phases.scst import SampleNet
 
     start, end, unk = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.unk_id
     torch.manual_seed(0)
-    model = Captioner(CaptionerConfig(vocab_size=10, feature_dim=16, embed_size=8, hidden_size=8)).eval()
+    model = PooledCaptioner(CaptionerConfig(vocab_size=10, feature_dim=16, embed_size=8, hidden_size=8)).eval()
     with torch.no_grad():
         model.head.bias[unk] = 8.0
         model.head.bias[end] = 6.0

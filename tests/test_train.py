@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from cli import main
-from decoder import data as D
-from decoder.train import FeatureData, TrainConfig, train_decoder
 from store.features import FeatureStore, find_store
 from store.manifest import read_manifest
 from store.rundir import RunDir
 from store.text import Vocabulary
 from tests.helpers import ROOT, TINY, run_cli
+from training import data as D
+from training.phases.decoder import FeatureData, TrainConfig, train_decoder
 
 
 def params(run_dir, name="last.pt"):
@@ -109,7 +109,7 @@ def test_signal_stops_cleanly_with_a_checkpoint(featurized, tmp_path, sig):
 
 
 def test_second_ctrl_c_interrupts_at_once(featurized, tmp_path):
-    from decoder.stopping import StopRequest
+    from training.stopping import StopRequest
 
     with StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)

@@ -177,14 +177,6 @@ def feature_source(store: FeatureStore, stream: bool, maps: bool = False):
     return StreamingFeatures(store) if stream or not fits_in_memory(store) else InMemoryFeatures(store)
 
 
-def centre_inputs(store: FeatureStore, rows: list[int], maps: bool) -> torch.Tensor:
-    """The centre crop's pooled features (n, D), or with `maps` its regions (n, R, D), as float32.
-    Maps are read one crop per row: a block of every crop's maps would be K times the memory."""
-    if maps:
-        return torch.from_numpy(store.read_maps(np.asarray(rows), np.zeros(len(rows), np.int64)).astype(np.float32))
-    return torch.from_numpy(store.read(np.asarray(rows))[:, 0].astype(np.float32))
-
-
 def train_batches(
     pairs: Pairs,
     source,

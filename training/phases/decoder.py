@@ -5,7 +5,7 @@
 
 A new run writes RUNDIR/config.json and checkpoints; `--resume` rebuilds everything from the
 checkpoint (architecture, vocabulary, store identity) and refuses options that would change
-the architecture, naming the option (decoder/phase.py).
+the architecture, naming the option (training/skeleton.py).
 """
 
 from __future__ import annotations
@@ -14,28 +14,22 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from decoder import data as D
-from decoder.captioners import build_captioner, check_store_serves, reads_maps
 from decoder.consensus import Neighbours
-from decoder.loop import Fit, Outcome, Position
+from decoder.factory import build_captioner, check_store_serves, reads_maps
 from decoder.model import CaptionerConfig
-from decoder.phase import Built, train_phase
 from store.distributed import SINGLE, Dist
 from store.errors import UserError
-from store.features import (
-    FeatureStore,
-    check_store_matches,
-    find_store,
-    images_sha256,
-    store_identity,
-)
+from store.features import FeatureStore, find_store, store_identity
 from store.manifest import VOCAB_NAME, read_manifest
 from store.rundir import RunDir
 from store.text import Vocabulary
+from training import data as D
+from training.cached_features import open_training_store, val_cider_score
+from training.loop import Fit, Outcome, Position
+from training.skeleton import Built, train_phase
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     stream: bool = False
     select_by: str = "loss"  # which validation score picks best.pt: "loss" or "cider"
-    group_by_photo: bool = False  # batches keep a photo's captions together (decoder/data.py)
+    group_by_photo: bool = False  # batches keep a photo's captions together (training/data.py)
 
 
 MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
@@ -106,45 +100,6 @@ class FeatureData:
         return D.eval_batches(self.val, self.source, grouped=self.maps)  # no dropout: the same numbers, faster
 
 
-def val_cider_score(model, vocab: Vocabulary, store: FeatureStore, records: list, usable: np.ndarray):
-    """A function giving minus the validation CIDEr-D of greedy captions (lower is better, like a loss).
-
-    Greedy decoding on the centre crop keeps it cheap enough to run every epoch, and it draws no
-    random numbers, so selecting by CIDEr does not change the training trajectory.
-    """
-    from decoder.metrics import score_captions
-    from decoder.search import greedy
-
-    rows = [i for i, r in enumerate(records) if r.split == "val" and usable[i]]
-    features = D.centre_inputs(store, rows, reads_maps(model.config))  # (n, D) or (n, R, D)
-    references = {records[i].id: records[i].captions for i in rows}
-
-    def score(_val_loss: float) -> float:
-        model.eval()
-        ids = greedy(model, features, vocab.start_id, vocab.end_id)
-        hypotheses = {records[i].id: " ".join(vocab.decode(seq)) for i, seq in zip(rows, ids, strict=True)}
-        return -score_captions(references, hypotheses, use_java=False)[0]["CIDEr-D"]
-
-    return score
-
-
-def open_training_store(stack: ExitStack, cfg: TrainConfig, expected: dict | None):
-    """(store, manifest records, usable rows) for a run on cached features, checked against the
-    run's checkpoint (`expected`: the identity it recorded) or, for a new run, the manifest."""
-    store = stack.enter_context(FeatureStore.open(Path(cfg.store)))
-    records = read_manifest(Path(cfg.workdir))
-    if expected is not None:
-        check_store_matches(store, expected, "the run's checkpoint")
-    elif store.images_sha256 != images_sha256([r.path for r in records]):
-        raise UserError(
-            f"{store.path} was built from other images than {cfg.workdir}'s manifest: "
-            f"run `python cli.py featurize {cfg.workdir} --resume --overwrite`"
-        )
-    if len(records) != store.num_rows:
-        raise UserError(f"{store.path} has {store.num_rows} rows but the manifest has {len(records)} images")
-    return store, records, np.asarray(store.done, dtype=bool)
-
-
 class DecoderPhase:
     name = "decoder"
     options_key = "train"
@@ -167,7 +122,7 @@ class DecoderPhase:
         return TrainConfig(workdir=str(workdir), store=str(store_path), **{**defaults, **given}), None
 
     def build(self, ctx: Dist, run: RunDir, cfg: TrainConfig, state: dict | None, stack: ExitStack) -> Built:
-        store, records, usable = open_training_store(stack, cfg, state["store"] if state else None)
+        store, records, usable = open_training_store(stack, cfg.workdir, cfg.store, state["store"] if state else None)
         if state is not None:
             vocab, model_cfg = Vocabulary(state["vocab"]), CaptionerConfig(**state["config"]["model"])
         else:
@@ -230,5 +185,5 @@ def default_decoder(store_path: Path) -> str:
 
 
 def train_decoder(*args, **kwargs) -> Outcome:
-    """Train (or resume) the decoder phase: decoder.phase.train_phase's arguments, this phase."""
+    """Train (or resume) the decoder phase: training.skeleton.train_phase's arguments, this phase."""
     return train_phase(DecoderPhase(), *args, **kwargs)

@@ -4,6 +4,9 @@
 
 Images are decoded and cropped in DataLoader workers and encoded in batches; a file that cannot
 be read is reported with its reason and the others are still captioned.
+
+With `attention`, each caption also carries the weights the attention decoder put on each region
+when it produced each word (`word_attention`); evaluation/heatmaps.py draws them.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from decoder.captioners import reads_maps
-from decoder.heatmaps import draw_attention, seen_picture, word_attention
-from decoder.inference import Inputs, LoadedCaptioner, Photo, crop_policy, encode_photos, generate
-from decoder.report import word_heatmaps
+import torch
+
+from decoder.ensemble import Ensemble
+from decoder.factory import reads_maps
+from decoder.inference import LoadedCaptioner, Photo, encode_photos, generate
 from store.errors import UserError
-from store.images import IMAGE_EXTENSIONS, ImageError, open_image
+from store.images import IMAGE_EXTENSIONS
+from store.text import Vocabulary
 
 
 @dataclass
@@ -71,38 +76,23 @@ def caption_images(
     ]
 
 
-def write_heatmaps(
-    loaded: LoadedCaptioner,
-    photos: list[Photo],
-    results: list[CaptionResult],
-    outdir: Path,
-    base,
-    strips: dict[int, list[tuple[str, str]]] | None = None,
-):
-    """One PNG per captioned photo under `outdir` (OUTDIR/<path under base>.png; photo<i>.png for
-    an image given in memory); the paths written. With `strips` (a dict to fill), also the small
-    heat map of each word of photos[i] for the HTML page, in strips[i] (decoder.report.word_heatmaps):
-    one picture at a time, so that a large folder never holds them all."""
-    policy, full_view = crop_policy(loaded.state), Inputs.of(loaded.state).full_view
-    written = []
-    for i, (photo, result) in enumerate(zip(photos, results, strict=True)):
-        if result.attention is None:
-            continue
-        try:
-            img = photo if not isinstance(photo, Path) else open_image(photo)
-        except ImageError:  # changed since it was captioned: the caption stands, the picture is skipped
-            continue
-        name = Path(photo).relative_to(base).as_posix() + ".png" if isinstance(photo, Path) else f"photo{i}.png"
-        picture = seen_picture(img, policy, full_view)
-        written.append(draw_attention(picture, result.caption.split(), result.attention, Path(outdir) / name))
-        if strips is not None:
-            strips[i] = word_heatmaps(picture, result.caption.split(), result.attention)
-    return written
+def word_attention(model: torch.nn.Module, vocab: Vocabulary, regions: torch.Tensor, captions: list[str]) -> list:
+    """Per photo, one list of R weights per word of its caption; regions (B, R, D).
+
+    The captions are already chosen (by beam search, re-ranking...), so each is read again with
+    teacher forcing, which reproduces the decoding steps exactly. An ensemble's weights are the
+    mean of its members'."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    out = []
+    for region, caption in zip(regions, captions, strict=True):
+        words = caption.split()
+        ids = torch.tensor([[vocab.start_id, *vocab.encode(words), vocab.end_id]])
+        weights = torch.stack([m.attention(region[None], ids)[0] for m in members]).mean(0)  # (T-1, R)
+        out.append(weights[: len(words)].tolist())
+    return out
 
 
 def _stack(features: dict, order: list[int]):
-    import torch
-
     return torch.stack([features[i] for i in order])
 
 

@@ -37,12 +37,12 @@ from store.images import ImageError, open_image
 from store.rundir import RunDir
 from store.text import normalize_caption
 
-if TYPE_CHECKING:  # the captioning module imports torch, which building a page does not need
-    from decoder.captioning import CaptionResult
+if TYPE_CHECKING:  # decoder/caption_photos.py imports torch, which building a page does not need
+    from decoder.caption_photos import CaptionResult
 
 THUMBNAIL_SIDE = 128  # pixels, the longer side; with JPEG quality 70 a thumbnail is 3-6 KB
 HEATMAP_SIDE = 64  # a word's heat map, as the page shows it (about 1.5 KB)
-HEAT_ALPHA = 0.6  # the heat's share of each pixel, over the photo (as decoder/heatmaps.py draws it)
+HEAT_ALPHA = 0.6  # the heat's share of each pixel, over the photo (as evaluation/heatmaps.py draws it)
 JPEG_QUALITY = 70
 
 
@@ -65,7 +65,7 @@ def per_image_cider(references: list[list[str]], hypotheses: list[str]) -> list[
     """Each hypothesis's CIDEr-D against its own references, the document frequencies coming from
     all the references given, as pycocoevalcap computes them; the corpus CIDEr-D is their mean.
 
-    Captions are tokenised as decoder/metrics.py does without Java (an empty one scores as a lone
+    Captions are tokenised as evaluation/metrics.py does without Java (an empty one scores as a lone
     unknown word), so without Java the mean equals `evaluate`'s CIDEr-D; with Java, `evaluate` uses
     the PTB tokenizer, which can differ on punctuation and <unk>."""
     refs = [[normalize_caption(c) for c in rs] for rs in references]
@@ -85,7 +85,7 @@ def image_data_uri(img: Image.Image, side: int = THUMBNAIL_SIDE) -> str:
 
 def word_heatmaps(picture: Image.Image, words: list[str], weights: list[list[float]]) -> list[tuple[str, str]]:
     """(word, data: URI) for each word: `picture` (the pixels the CNN's map covers) with the word's
-    weights over its R = side x side regions, as decoder/heatmaps.py draws a panel: upsampled
+    weights over its R = side x side regions, as evaluation/heatmaps.py draws a panel: upsampled
     bilinearly, scaled to the word's own maximum, in matplotlib's inferno (bright = looked at)."""
     import numpy as np
     from matplotlib import colormaps
@@ -147,7 +147,7 @@ def decoding_text(settings: dict) -> str:
 
 
 def evaluation_report(result: dict, run: RunDir, model: str) -> str:
-    """The page of decoder.evaluate.evaluate_run's result: every photo of the split with its references.
+    """The page of evaluation.evaluate.evaluate_run's result: every photo of the split with its references.
     `model` names what was evaluated (a checkpoint file, or an ensemble run and its size)."""
     pairs = result["captions"]  # [(manifest Record, generated caption)]
     ciders = per_image_cider([r.captions for r, _ in pairs], [h for _, h in pairs])
@@ -185,7 +185,7 @@ def caption_report(
 ) -> str:
     """The page of `caption`: unlabelled photos (named by their path under `base`), and the scores
     the run keeps from its evaluations. `heatmaps`: {i: word_heatmaps of results[i]}, shown under
-    those captions (decoder.captioning.write_heatmaps makes them)."""
+    those captions (evaluation.heatmaps.write_heatmaps makes them)."""
     heatmaps = heatmaps or {}
     rows = [
         ReportRow(

@@ -29,20 +29,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from decoder import data as D
-from decoder.captioners import build_captioner, check_store_serves, reads_maps
 from decoder.cider import CiderD, References
-from decoder.loop import Fit, Outcome, Position
+from decoder.factory import build_captioner, check_store_serves, reads_maps
 from decoder.model import CaptionerConfig
-from decoder.phase import Built, train_phase
 from decoder.search import allowed
-from decoder.train import open_training_store, val_cider_score
 from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
 from store.errors import UserError
 from store.features import store_identity
 from store.rundir import RunDir
 from store.text import Vocabulary
+from training import data as D
+from training.cached_features import open_training_store, val_cider_score
+from training.loop import Fit, Outcome, Position
+from training.skeleton import Built, train_phase
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class ScstPhase:
         return cfg, state
 
     def build(self, ctx: Dist, run: RunDir, cfg: ScstConfig, state: dict, stack: ExitStack) -> Built:
-        store, records, usable = open_training_store(stack, cfg, state["store"])
+        store, records, usable = open_training_store(stack, cfg.workdir, cfg.store, state["store"])
         vocab, model_cfg = Vocabulary(state["vocab"]), CaptionerConfig(**state["config"]["model"])
         rows = np.asarray([i for i, r in enumerate(records) if r.split == "train" and usable[i]], dtype=np.int64)
         val_pairs = D.build_pairs(records, vocab, "val", usable)
@@ -216,5 +216,5 @@ class ScstPhase:
 
 
 def train_scst(*args, **kwargs) -> Outcome:
-    """Train (or resume) the self-critical phase: decoder.phase.train_phase's arguments, this phase."""
+    """Train (or resume) the self-critical phase: training.skeleton.train_phase's arguments, this phase."""
     return train_phase(ScstPhase(), *args, **kwargs)

@@ -2,11 +2,10 @@
 
     python cli.py caption photos/ --attention heatmaps/      # one PNG per photo
 
-`word_attention` gives, for a caption already chosen (by beam search, re-ranking...), the weights
-the decoder put on each region when it produced each word: the caption is read again with
-teacher forcing, which reproduces the decoding steps exactly. An ensemble's weights are the mean
-of its members'. `draw_attention` writes the photo as the CNN saw it (the centre crop, or the
-whole resize for a full-view store), then one panel per word with its weights upsampled over it.
+The weights come with the captions (decoder/caption_photos.py `word_attention`). `draw_attention`
+writes the photo as the CNN saw it (the centre crop, or the whole resize for a full-view store),
+then one panel per word with its weights upsampled over it; `write_heatmaps` does that for every
+captioned photo, and makes the small per-word heat maps of the HTML report as it goes.
 """
 
 from __future__ import annotations
@@ -15,27 +14,16 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from decoder.ensemble import Ensemble
+from decoder.caption_photos import CaptionResult
+from decoder.inference import Inputs, LoadedCaptioner, Photo, crop_policy
+from evaluation.report import word_heatmaps
 from featurize.crops import CropPolicy
 from store.files import safe_write
-from store.text import Vocabulary
+from store.images import ImageError, open_image
 
 COLUMNS = 5
-
-
-def word_attention(model: torch.nn.Module, vocab: Vocabulary, regions: torch.Tensor, captions: list[str]) -> list:
-    """Per photo, one list of R weights per word of its caption; regions (B, R, D)."""
-    members = list(model.members) if isinstance(model, Ensemble) else [model]
-    out = []
-    for region, caption in zip(regions, captions, strict=True):
-        words = caption.split()
-        ids = torch.tensor([[vocab.start_id, *vocab.encode(words), vocab.end_id]])
-        weights = torch.stack([m.attention(region[None], ids)[0] for m in members]).mean(0)  # (T-1, R)
-        out.append(weights[: len(words)].tolist())
-    return out
 
 
 def seen_picture(photo: Image.Image, policy: CropPolicy, full_view: bool) -> Image.Image:
@@ -74,3 +62,33 @@ def draw_attention(picture: Image.Image, words: list[str], weights: list[list[fl
         fig.savefig(f, format="png", dpi=72)
     plt.close(fig)
     return path
+
+
+def write_heatmaps(
+    loaded: LoadedCaptioner,
+    photos: list[Photo],
+    results: list[CaptionResult],
+    outdir: Path,
+    base,
+    strips: dict[int, list[tuple[str, str]]] | None = None,
+):
+    """One PNG per captioned photo under `outdir` (OUTDIR/<path under base>.png; photo<i>.png for
+    an image given in memory); the paths written. With `strips` (a dict to fill), also the small
+    heat map of each word of photos[i] for the HTML page, in strips[i]
+    (evaluation.report.word_heatmaps): one picture at a time, so that a large folder never holds
+    them all."""
+    policy, full_view = crop_policy(loaded.state), Inputs.of(loaded.state).full_view
+    written = []
+    for i, (photo, result) in enumerate(zip(photos, results, strict=True)):
+        if result.attention is None:
+            continue
+        try:
+            img = photo if not isinstance(photo, Path) else open_image(photo)
+        except ImageError:  # changed since it was captioned: the caption stands, the picture is skipped
+            continue
+        name = Path(photo).relative_to(base).as_posix() + ".png" if isinstance(photo, Path) else f"photo{i}.png"
+        picture = seen_picture(img, policy, full_view)
+        written.append(draw_attention(picture, result.caption.split(), result.attention, Path(outdir) / name))
+        if strips is not None:
+            strips[i] = word_heatmaps(picture, result.caption.split(), result.attention)
+    return written

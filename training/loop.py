@@ -28,12 +28,12 @@ from rich.progress import (
 from rich.text import Text
 
 from decoder.model import caption_loss, split_output
-from decoder.stopping import StopRequest
 from store.checkpoints import save_checkpoint
 from store.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from store.progress import PlainProgress
 from store.rundir import RunDir
 from store.runlog import RunLog, plot_run
+from training.stopping import StopRequest
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

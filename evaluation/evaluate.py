@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoder.captioners import check_store_serves, reads_maps
-from decoder.data import centre_inputs
-from decoder.inference import LoadedCaptioner, check_tta, encode_photos, generate
-from decoder.metrics import diversity, score_captions
+from decoder.factory import check_store_serves, reads_maps
+from decoder.inference import LoadedCaptioner, centre_inputs, check_tta, encode_photos, generate
+from evaluation.metrics import diversity, score_captions
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches
 from store.files import atomic_write_bytes

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from decoder.loop import Outcome, Position
-from decoder.phase import resolve_run
 from store.checkpoints import load_resumable
 from store.errors import UserError
 from store.files import atomic_write_bytes
 from store.rundir import RunDir
+from training.loop import Outcome, Position
+from training.skeleton import resolve_run
 
 # The default recipe, chosen on the cross-validated measurement (docs/quality.md).
 RECIPE: tuple[tuple[str, dict], ...] = (("decoder", {}),)
@@ -38,15 +38,15 @@ RECIPE: tuple[tuple[str, dict], ...] = (("decoder", {}),)
 def phase_trainer(phase: str):
     """The train function of a phase (imported on use: the joint phase pulls in the CNN)."""
     if phase == "decoder":
-        from decoder.train import train_decoder
+        from training.phases.decoder import train_decoder
 
         return train_decoder
     if phase == "joint":
-        from decoder.joint import train_joint
+        from training.phases.joint import train_joint
 
         return train_joint
     if phase == "scst":
-        from decoder.scst import train_scst
+        from training.phases.scst import train_scst
 
         return train_scst
     raise UserError(f"unknown phase {phase!r}: one of decoder, joint, scst")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from decoder.attention import AttentionCaptioner
-from decoder.model import Captioner, CaptionerConfig
+from decoder.model import CaptionerConfig, PooledCaptioner
 from store.errors import UserError
 
 DECODERS = ("pooled", "attention")
@@ -20,7 +20,7 @@ def build_captioner(config: CaptionerConfig) -> nn.Module:
     if config.decoder == "attention":
         return AttentionCaptioner(config)
     if config.decoder == "pooled":
-        return Captioner(config)
+        return PooledCaptioner(config)
     raise UserError(f"unknown decoder {config.decoder!r}: expected {' or '.join(DECODERS)}")
 
 

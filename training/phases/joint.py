@@ -26,14 +26,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from decoder import data as D
-from decoder.captioners import build_captioner, reads_maps
-from decoder.inference import build_encoder
-from decoder.loop import Fit, Outcome, Position
+from decoder.factory import build_captioner, reads_maps
 from decoder.model import CaptionerConfig
-from decoder.phase import Built, train_phase
 from featurize.crops import CropPolicy, to_float
-from featurize.encoder import regions
+from featurize.encoder import checkpoint_encoder, regions
 from featurize.pipeline import bf16_is_fast
 from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
@@ -44,6 +40,9 @@ from store.manifest import Record, read_manifest
 from store.rundir import RunDir
 from store.seeds import derive_seed
 from store.text import Vocabulary
+from training import data as D
+from training.loop import Fit, Outcome, Position
+from training.skeleton import Built, train_phase
 
 
 @dataclass(frozen=True)
@@ -265,7 +264,7 @@ class JointPhase:
 
         captioner = build_captioner(model_cfg)
         captioner.load_state_dict(state["model"])
-        encoder = build_encoder(
+        encoder = checkpoint_encoder(
             {"store": state["store"], **({"encoder": state["encoder"]} if "encoder" in state else {})}
         )
         net = JointNet(encoder, captioner, cfg.unfreeze, autocast_dtype(cfg.precision, device)).to(device)
@@ -306,5 +305,5 @@ class JointPhase:
 
 
 def train_joint(*args, **kwargs) -> Outcome:
-    """Train (or resume) the joint phase: decoder.phase.train_phase's arguments, this phase."""
+    """Train (or resume) the joint phase: training.skeleton.train_phase's arguments, this phase."""
     return train_phase(JointPhase(), *args, **kwargs)

@@ -1,11 +1,12 @@
 """The training skeleton every phase shares: which run, resume, option merging, seeds, the loop.
 
-A phase (decoder/train.py, decoder/joint.py) states only what is its own, as a `Phase`: its name,
-its options dataclass, which options a resume may change, how a fresh session fills its options,
-and how to build its network, optimizer and data (`build` returns a `Built`). The rest is here,
-once: the run directory, loading last.pt (or previous.pt), refusing an option that would change
-the run, the seeds (the same initial weights on every torchrun rank, then each rank its own
-dropout stream), config.json, the time limit and signals, and the loop itself (decoder/loop.py).
+A phase (training/phases/: decoder.py, joint.py, scst.py) states only what is its own, as a
+`Phase`: its name, its options dataclass, which options a resume may change, how a fresh session
+fills its options, and how to build its network, optimizer and data (`build` returns a `Built`).
+The rest is here, once: the run directory, loading last.pt (or previous.pt), refusing an option
+that would change the run, the seeds (the same initial weights on every torchrun rank, then each
+rank its own dropout stream), config.json, the time limit and signals, and the loop itself
+(training/loop.py).
 
 Order of a session, which resume exactness depends on: seed the global RNG from the run's seed,
 build (every random initialisation happens here), then restore the checkpoint's RNG state on
@@ -22,15 +23,15 @@ from typing import Any, Protocol
 import torch
 from rich.console import Console
 
-from decoder.loop import Fit, Outcome, Position, resume_from
-from decoder.loop import run as run_loop
 from decoder.model import CaptionerConfig
-from decoder.stopping import StopRequest
 from store.checkpoints import load_resumable
 from store.distributed import Dist, barrier, broadcast_object, process_group
 from store.errors import UserError
 from store.rundir import RunDir
 from store.seeds import derive_seed
+from training.loop import Fit, Outcome, Position, resume_from
+from training.loop import run as run_loop
+from training.stopping import StopRequest
 
 
 @dataclass
