@@ -30,7 +30,6 @@ import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cli_runner import run_cli  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import VOCAB_NAME, Record, read_manifest, write_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
@@ -72,20 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "without looking at the test photos (rows are then named METHOD@val)",
     )
     return p
-
-
-def cli(*args: str, log: Path) -> float:
-    """`python cli.py ARGS`, its output appended to `log`; the seconds it took."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
-    print("$ python cli.py " + " ".join(args), flush=True)
-    started = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"`cli.py {args[0]}` failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - started
 
 
 def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
@@ -164,7 +150,7 @@ def run_recipe(
                 args = ["train", "--run", str(run), *phases[i]]
             else:
                 args = ["train", str(work), "--run", str(run), *phases[i]]
-            took = cli(*args, log=log)
+            took = run_cli(*args, log=log).seconds
             (run / "bench_recipe.json").write_text(json.dumps(phases[: i + 1]))
             done.write_text(json.dumps({"seconds": took}))
         seconds += json.loads(done.read_text())["seconds"]
@@ -231,8 +217,8 @@ def main(args: argparse.Namespace) -> None:
     log = out / "crossval.log"
     base = out / "work"
     if not (base / "manifest.jsonl").exists():
-        cli("prepare", args.data, "--out", str(base), log=log)
-    cli("featurize", str(base), "--resume", *shlex.split(args.featurize_args), log=log)
+        run_cli("prepare", args.data, "--out", str(base), log=log)
+    run_cli("featurize", str(base), "--resume", *shlex.split(args.featurize_args), log=log)
     records = read_manifest(base)
     results_path = out / "crossval.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cli_runner import run_cli  # noqa: E402
 from store.rundir import RunDir  # noqa: E402
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -133,24 +133,6 @@ def parse_decode(spec: str) -> dict:
 
 def decode_label(d: dict) -> str:
     return f"beam {d['beam']}, alpha {d['alpha']:g}, {'TTA' if d['tta'] else 'centre'}"
-
-
-def cli(*args: str, log: Path) -> float:
-    """Run `python cli.py ARGS`, its output appended to `log`; returns the seconds it took."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
-    print("$ " + " ".join(["python", "cli.py", *args]), flush=True)
-    started = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-5:]
-        raise SystemExit(
-            f"`cli.py {args[0]}` failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail)
-        )
-    return seconds
 
 
 def score(checkpoint: Path, decode: dict) -> tuple[dict, float, dict]:
@@ -306,11 +288,11 @@ def main() -> None:
     ):
         if val is not None:
             prep += [opt, str(val)]
-    steps[f"prepare {workdir.name}"] = cli(*prep, log=log)
+    steps[f"prepare {workdir.name}"] = run_cli(*prep, log=log).seconds
     reuse_store(workdir, out, a.weights, a.crops)
-    steps[f"featurize {workdir.name} ({a.weights}, K={a.crops}, --resume)"] = cli(
+    steps[f"featurize {workdir.name} ({a.weights}, K={a.crops}, --resume)"] = run_cli(
         "featurize", str(workdir), "--weights", a.weights, "--crops", str(a.crops), "--resume", log=log
-    )
+    ).seconds
 
     # 2. decoder phase
     best = RunDir(run_dir).best
@@ -322,7 +304,7 @@ def main() -> None:
         )
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-        train_seconds = cli(
+        train_seconds = run_cli(
             "train",
             str(workdir),
             "--run",
@@ -337,7 +319,7 @@ def main() -> None:
             a.weights,
             *train_args,
             log=log,
-        )
+        ).seconds
         (run_dir / "bench_train.json").write_text(json.dumps({"seconds": train_seconds}))
     steps[f"train decoder {name}"] = train_seconds
     curve = epochs_summary(run_dir)
@@ -374,7 +356,7 @@ def main() -> None:
         joint_args = ["--batch-size", str(a.joint_batch_size), *joint_extra] + (
             ["--epochs", str(a.joint_epochs)] if a.joint_epochs else []
         )
-        joint_seconds = cli(
+        joint_seconds = run_cli(
             "train",
             "--run",
             str(run_dir),
@@ -385,7 +367,7 @@ def main() -> None:
             *joint_args,
             *(["--resume"] if a.joint_resume else []),
             log=log,
-        )
+        ).seconds
         steps[f"train joint {name} ({joint_minutes:g} min{', resumed' if a.joint_resume else ''})"] = joint_seconds
         import torch
 

@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.cli_runner import run_cli  # noqa: E402
 
 CAPTION_PHOTOS = 100
 
@@ -51,18 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def timed(args: list[str], log: Path) -> dict:
     """Run `python cli.py ARGS` (output appended to `log`): its seconds and peak resident memory (MB)."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
-    print("$ python cli.py " + " ".join(args), flush=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"`cli.py {args[0]}` failed; see {log}")
-    return {"seconds": round(seconds, 1), "peak_mb": round(usage.ru_maxrss / 1024)}
+    run = run_cli(*args, log=log)
+    return {"seconds": round(run.seconds, 1), "peak_mb": run.peak_mb}
 
 
 def split_file(data: Path, out: Path, n: int, seed: int) -> Path:
