@@ -430,6 +430,12 @@ def decoding_options(fn):
             "training photos; 0 keeps the beam's best.",
         ),
         click.option("--candidates", default=d.candidates, help="Beam candidates that --rerank chooses from."),
+        click.option(
+            "--prior-penalty",
+            default=d.prior_penalty,
+            help="Lower each word by this many times its log-probability for the average training photo, so "
+            "phrases the decoder says whatever the photo shows give way (more varied captions; docs/quality.md).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -55,6 +55,7 @@ def caption_images(
     workers: int = 2,
     rerank: int = 0,
     candidates: int = 5,
+    prior_penalty: float = 0.0,
     attention: bool = False,
 ) -> list[CaptionResult]:
     """Every photo's caption or error; with `attention` (attention decoder only), also the weights
@@ -66,7 +67,11 @@ def caption_images(
     features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)
     inputs = _stack(features, order) if order else None
-    sentences = generate(loaded, inputs, beam=beam, alpha=alpha, rerank=rerank, candidates=candidates) if order else []
+    sentences = (
+        generate(loaded, inputs, beam, alpha, rerank=rerank, candidates=candidates, prior_penalty=prior_penalty)
+        if order
+        else []
+    )
     weights = word_attention(loaded.model, loaded.vocab, inputs, sentences) if attention and order else []
     by_index = dict(zip(order, sentences, strict=True))
     weights_of = dict(zip(order, weights, strict=False))

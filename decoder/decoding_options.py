@@ -23,3 +23,6 @@ class Decoding:
     # the validation photos (docs/quality.md)
     rerank: int = 30
     candidates: int = 5  # beam candidates that re-ranking chooses from
+    # lower each word by this many times its log-probability for the average training photo: the
+    # phrases a decoder says whatever the photo shows lose ground (decoder/prior.py; 0: off)
+    prior_penalty: float = 0.0

@@ -22,6 +22,7 @@ from decoder.consensus import rerank as consensus_rerank
 from decoder.ensemble import Ensemble, check_members_agree
 from decoder.factory import build_captioner, reads_maps
 from decoder.model import CaptionerConfig
+from decoder.prior import PriorCorrected
 from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
 from featurize.encoder import checkpoint_encoder
@@ -29,6 +30,7 @@ from featurize.pipeline import encode_full_view, encode_with_maps, prepare_for_i
 from store.checkpoints import load_checkpoint
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches
+from store.files import safe_write
 from store.images import ImageError, open_image
 from store.manifest import read_manifest
 from store.rundir import RunDir
@@ -42,11 +44,14 @@ class LoadedCaptioner:
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
     path: Path
     neighbours: Neighbours | None = None  # the training photos, loaded on the first re-ranking
+    average_photo: torch.Tensor | None = None  # their mean features, loaded on the first --prior-penalty
     # The CNN of inference_encoder(state), built on the first photo encoded and kept: building and
     # folding Inception costs more than encoding a photo. Not an init field, so dataclasses.replace
     # (a changed state) starts without it.
     encoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
+
+AVERAGE_CHUNK = 256  # training photos read at a time to average their features
 
 Photo = Path | Image.Image  # an image file, or an image already decoded (RGB, upright)
 
@@ -88,25 +93,28 @@ def generate(
     batch_size: int = 64,
     rerank: int = 0,
     candidates: int = 5,
+    prior_penalty: float = 0.0,
 ) -> list[str]:
     """One sentence per photo's features: (N, D) pooled, or (N, R, D) regions for the attention
-    decoder; <unk> is shown as the word "<unk>".
+    decoder.
 
     With `rerank` k > 0, the beam's `candidates` best captions are re-scored by their CIDEr-D
-    against the captions of the k training photos nearest to each photo (decoder/consensus.py)."""
-    vocab, sentences = loaded.vocab, []
+    against the captions of the k training photos nearest to each photo (decoder/consensus.py).
+    With `prior_penalty` w > 0, each word's log-probability loses w times the one the decoder gives
+    the average training photo (decoder/prior.py)."""
+    vocab, sentences, model = loaded.vocab, [], loaded.model
     if rerank > 0:
         neighbours = neighbours_for(loaded)
+    if prior_penalty > 0:
+        model = PriorCorrected(model, average_photo_for(loaded), prior_penalty)
     for start in range(0, features.size(0), batch_size):
         chunk = features[start : start + batch_size].float()
         if rerank <= 0:
-            ids = beam_search(loaded.model, chunk, vocab.start_id, vocab.end_id, beam=beam, alpha=alpha)
+            ids = beam_search(model, chunk, vocab.start_id, vocab.end_id, beam=beam, alpha=alpha)
             sentences += [" ".join(vocab.decode(seq)) for seq in ids]
             continue
         width = max(beam, candidates)
-        nbest = beam_candidates(
-            loaded.model, chunk, vocab.start_id, vocab.end_id, beam=width, alpha=alpha, n_best=candidates
-        )
+        nbest = beam_candidates(model, chunk, vocab.start_id, vocab.end_id, beam=width, alpha=alpha, n_best=candidates)
         texts = [[" ".join(vocab.decode(seq)) for seq in cands] for cands in nbest]
         pooled = chunk.mean(1) if chunk.dim() == 3 else chunk  # a map's mean is its crop's pooled vector
         picks = consensus_rerank(texts, neighbours, pooled.numpy(), rerank, neighbours.cider)
@@ -118,8 +126,7 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
     """The checkpoint's training photos: RUNDIR/neighbours.npz, or (for a run made before it was
     written) rebuilt from the run's feature store and manifest and saved there."""
     if loaded.neighbours is None:
-        in_run = loaded.path.parent.name == "checkpoints"  # RUNDIR/checkpoints/<name>.pt
-        run = RunDir(loaded.path.parent.parent if in_run else loaded.path.parent)
+        run, in_run = _run_of(loaded)
         if run.neighbours.is_file():
             loaded.neighbours = Neighbours.load(run.neighbours)
         else:
@@ -132,12 +139,60 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
             with FeatureStore.open(store_file) as store:
                 check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
                 loaded.neighbours = Neighbours.from_store(store, read_manifest(workdir))
-            if in_run:  # a checkpoint file elsewhere gets no file written beside it
+            if in_run:
                 try:
                     loaded.neighbours.save(run.neighbours)
                 except OSError:  # a read-only run folder: re-ranking still works, it rebuilds next time
                     pass
     return loaded.neighbours
+
+
+def average_photo_for(loaded: LoadedCaptioner) -> torch.Tensor:
+    """The mean of the training photos' centre-crop features as the decoder reads them: (D,), or
+    regions (R, D). Kept in RUNDIR/average_photo.npy once computed (a read-only run folder
+    computes it again next time)."""
+    if loaded.average_photo is None:
+        if "encoder" in loaded.state:
+            raise UserError(
+                f"{loaded.path} fine-tuned its CNN (joint phase): --prior-penalty needs a decoder-phase run, "
+                "whose average photo is the cached features' mean"
+            )
+        run, in_run = _run_of(loaded)
+        if run.average_photo.is_file():
+            loaded.average_photo = torch.from_numpy(np.load(run.average_photo))
+        else:
+            train = loaded.state["config"]["train"]
+            store_file, workdir = Path(train["store"]), Path(train["workdir"])
+            if not store_file.is_file():
+                raise UserError(
+                    f"--prior-penalty needs the training photos: {run.average_photo} is missing and so is {store_file}"
+                )
+            records = read_manifest(workdir)
+            with FeatureStore.open(store_file) as store:
+                check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
+                rows = [i for i, r in enumerate(records) if r.split == "train" and store.done[i]]
+                if not rows:
+                    raise UserError(f"{store_file} has no train photos with features to average")
+                maps = reads_maps(loaded.state["config"]["model"])
+                total = sum(  # a chunk of maps at a time: all of them may not fit in memory
+                    centre_inputs(store, rows[at : at + AVERAGE_CHUNK], maps).double().sum(0)
+                    for at in range(0, len(rows), AVERAGE_CHUNK)
+                )
+            loaded.average_photo = (total / len(rows)).float()
+            if in_run:
+                try:
+                    with safe_write(run.average_photo) as f:
+                        np.save(f, loaded.average_photo.numpy())
+                except OSError:
+                    pass
+    return loaded.average_photo
+
+
+def _run_of(loaded: LoadedCaptioner) -> tuple[RunDir, bool]:
+    """The run folder of the loaded checkpoint, and whether the checkpoint is inside one
+    (RUNDIR/checkpoints/<name>.pt); a checkpoint file elsewhere gets no file written beside it."""
+    in_run = loaded.path.parent.name == "checkpoints"
+    return RunDir(loaded.path.parent.parent if in_run else loaded.path.parent), in_run
 
 
 def inference_encoder(state: dict) -> torch.nn.Module:

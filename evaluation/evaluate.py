@@ -64,6 +64,7 @@ def evaluate_run(
     write: bool = True,
     rerank: int = 0,
     candidates: int = 5,
+    prior_penalty: float = 0.0,
 ) -> dict:
     """Scores of `loaded` on `split`; also writes the eval files when `write`."""
     workdir = Path(workdir or loaded.state["config"]["train"]["workdir"])
@@ -71,7 +72,9 @@ def evaluate_run(
     rows, features = split_features(loaded, records, split, tta)
     if not rows:
         raise UserError(f"{workdir} has no {split} images with features to evaluate")
-    hypotheses = generate(loaded, features, beam=beam, alpha=alpha, rerank=rerank, candidates=candidates)
+    hypotheses = generate(
+        loaded, features, beam=beam, alpha=alpha, rerank=rerank, candidates=candidates, prior_penalty=prior_penalty
+    )
     ids = [records[i].id for i in rows]
     scores, notes = score_captions(
         {k: records[i].captions for k, i in zip(ids, rows, strict=True)}, dict(zip(ids, hypotheses, strict=True))
@@ -84,6 +87,7 @@ def evaluate_run(
         "tta": tta,
         "rerank": rerank,
         "candidates": candidates if rerank else None,
+        "prior_penalty": prior_penalty,
         "checkpoint": str(loaded.path),
         "epoch": loaded.state["epoch"],
         "phase": loaded.state["phase"],

@@ -143,6 +143,8 @@ def decoding_text(settings: dict) -> str:
     text = f"beam {settings['beam']}, alpha {settings['alpha']}, {crops}"
     if settings.get("rerank"):
         text += f", re-ranked among {settings['candidates']} by {settings['rerank']} neighbours"
+    if settings.get("prior_penalty"):
+        text += f", prior penalty {settings['prior_penalty']}"
     return text
 
 

@@ -7,6 +7,7 @@
     RUNDIR/eval/<split>.json, <split>_captions.csv, <split>.html
     RUNDIR/finetuned-<run>.pt          the joint phase's CNN, exported for featurize --encoder-from
     RUNDIR/neighbours.npz              the training photos' features and captions, for re-ranking
+    RUNDIR/average_photo.npy           their mean features, for decoding with --prior-penalty
     RUNDIR/recipe.json                 a run of several steps or members: the plan and what is done
     RUNDIR/members/<i>/                an ensemble's members, each laid out as a run of its own
 
@@ -99,6 +100,10 @@ class RunDir:
     @property
     def neighbours(self) -> Path:
         return self.path / "neighbours.npz"
+
+    @property
+    def average_photo(self) -> Path:
+        return self.path / "average_photo.npy"
 
     @property
     def recipe(self) -> Path:
