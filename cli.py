@@ -16,11 +16,13 @@ import functools
 import io
 import os
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import click
 from rich.console import Console
 
 from store.errors import UserError
+from training.options import PHASES, all_options
 
 DEFAULT_WORKDIR = Path("data/work")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
@@ -254,6 +256,27 @@ def featurize(
 # --- training ---------------------------------------------------------------------------------
 
 
+def train_options(fn):
+    """train's options: one per option field of the phases' dataclasses (training/options.py), which
+    give its type, help and defaults. Each defaults to None, "not given", so that the phase that
+    runs can refuse what it does not take and fill in the rest."""
+    for option in reversed(all_options().values()):
+        if option.type is bool:
+            fn = click.option(f"{option.flag}/--no-{option.flag[2:]}", option.name, default=None, help=option.help())(
+                fn
+            )
+        else:
+            fn = click.option(option.flag, type=click_type(option.type), default=None, help=option.help())(fn)
+    return fn
+
+
+def click_type(annotation):
+    """click's type for an option's annotation: a choice for a Literal, X for X | None, else itself."""
+    if get_origin(annotation) is Literal:
+        return click.Choice(get_args(annotation))
+    return next((t for t in get_args(annotation) if t is not type(None)), annotation)
+
+
 @main.command()
 @click.argument("workdir", type=click.Path(path_type=Path), required=False)
 @click.option(
@@ -267,122 +290,42 @@ def featurize(
 )
 @click.option(
     "--phase",
-    type=click.Choice(["decoder", "joint", "scst"]),
+    type=click.Choice(list(PHASES)),
     default=None,
     help="decoder: LSTM on cached features; joint: fine-tune CNN + LSTM on images; "
     "scst: self-critical training of the LSTM on cached features, rewarded by CIDEr-D "
-    "[default: the recipe, see docs/quality.md; with --resume, where the run stopped].",
+    "[default: the recipe, which starts with the decoder phase (docs/quality.md); with --resume, where "
+    "the run stopped].",
 )
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option(
     "--members", type=int, default=None, help="Train an ensemble of this many decoders that differ only in seed."
 )
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
-@click.option(
-    "--epochs",
-    type=int,
-    default=None,
-    help="Epochs in total for this phase [default: 12 attention decoder, 40 pooled, 1 joint, 10 scst].",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=None,
-    help="Captions per batch [default: 32; the attention decoder on 20,000 training captions or more: 64].",
-)
-@click.option(
-    "--lr",
-    type=float,
-    default=None,
-    help="Adam learning rate of the decoder [default: 3e-4; the attention decoder on 20,000 training captions "
-    "or more: 4e-4].",
-)
-@click.option("--dropout", type=float, default=None, help="Dropout on projections and embeddings [default: 0.2].")
-@click.option("--embed-size", type=int, default=None, help="Word and image embedding size [default: 256].")
-@click.option("--hidden-size", type=int, default=None, help="LSTM hidden size [default: 512].")
-@click.option("--num-layers", type=int, default=None, help="LSTM layers [default: 1].")
-@click.option(
-    "--image-as",
-    type=click.Choice(["input", "state"]),
-    default=None,
-    help="Image as the LSTM's first input or its initial state [default: input].",
-)
-@click.option(
-    "--decoder",
-    type=click.Choice(["pooled", "attention"]),
-    default=None,
-    help="pooled: Show and Tell on one vector per photo; attention: Show, Attend and Tell over the "
-    "feature map's regions (needs featurize --maps) [default: attention when the store has maps, else pooled].",
-)
-@click.option("--attention-size", type=int, default=None, help="Attention decoder: query/key size [default: 256].")
-@click.option(
-    "--attention-penalty",
-    type=float,
-    default=None,
-    help="Attention decoder: lambda of the doubly stochastic penalty [default: 1].",
-)
-@click.option("--grad-clip", type=float, default=None, help="Gradient norm clip [default: 5].")
-@click.option("--seed", type=int, default=None, help="Seed of initialisation and data order [default: 0].")
-@click.option(
-    "--select-by",
-    type=click.Choice(["loss", "cider"]),
-    default=None,
-    help="Validation score that picks best.pt [default: cider for the attention decoder, loss for the pooled].",
-)
-@click.option(
-    "--group-by-photo/--no-group-by-photo",
-    default=None,
-    help="Attention decoder: batches keep each photo's captions together, so its map is read and projected "
-    "once, not once per caption [default: on from 20,000 training captions].",
-)
-@click.option(
-    "--stream", is_flag=True, default=None, help="Read features from disk chunk by chunk even if they fit in RAM."
-)
-@click.option(
-    "--weights",
-    default=None,
-    help="Which feature store of WORKDIR to train on, by weights name [default: the only one].",
-)
-@click.option(
-    "--init",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Joint: decoder checkpoint to start from [default: RUNDIR/checkpoints/best.pt].",
-)
-@click.option(
-    "--unfreeze", default=None, help="Joint: first CNN block to fine-tune, e.g. Mixed_6a [default: the whole CNN]."
-)
-@click.option("--cnn-lr", type=float, default=None, help="Joint: learning rate of the CNN [default: 1e-5].")
-@click.option(
-    "--checkpoint-minutes", type=float, default=None, help="Joint: also checkpoint mid-epoch this often [default: 10]."
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default=None,
-    help="Joint: bf16 autocast where supported [default: auto].",
-)
-@click.option("--workers", type=int, default=None, help="Joint: DataLoader processes decoding images [default: 2].")
-@click.option("--samples", type=int, default=None, help="Scst: captions sampled per photo [default: 5].")
-@click.option("--max-len", type=int, default=None, help="Scst: longest sampled caption in words [default: 16].")
+@train_options
 @user_errors
-def train(workdir, run_dir, phase, resume, members, max_minutes, weights, **options):
+def train(workdir, run_dir, phase, resume, members, max_minutes, **options):
     """Train the captioner; interrupt it any time and continue with --resume.
+
+    Each option below names the phases that take it and their defaults. The phase that runs is
+    --phase; without it, a new run follows the recipe, whose options are its first phase's (decoder),
+    and --resume continues the phase where the run stopped. An option that phase does not take is
+    refused, and so is one that would change a resumed run, except those that say --resume may change
+    them. A run of several members or steps resumes without options.
 
     Example: python cli.py train data/work --epochs 40, then python cli.py train --resume
     """
-    from training.recipe import train_run
+    import legende
 
-    outcome = train_run(
+    outcome = legende.train(
         workdir,
         run_dir,
         phase=phase,
         members=members,
         resume=resume,
         max_minutes=max_minutes,
-        options={k: v for k, v in options.items() if v is not None},
         console=console,
-        weights=weights,
+        **options,
     )
     pos = outcome.position
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all

@@ -8,7 +8,7 @@ decoder epoch is timed in full, for the pooled decoder and, when the store has f
 memory is reported (the features or maps in RAM included); the end-to-end epoch (decode + resize + random 299 crop with
 torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
 few batches and extrapolated to the same number of batches. Both run here, in this process.
-Each decoder trains with its own defaults for this many captions (training/phases/decoder.py decoder_defaults:
+Each decoder trains with its own defaults for this many captions (training/options.py decoder_defaults:
 from 20,000 training captions the attention decoder groups its batches by photo, 64 captions each).
 
 --profile N prints where an attention step's time goes: torch.profiler over N batches, by operator.
@@ -30,14 +30,16 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from decoder.config import CaptionerConfig  # noqa: E402
 from decoder.factory import build_captioner, reads_maps  # noqa: E402
-from decoder.model import CaptionerConfig, PooledCaptioner, caption_loss, split_output  # noqa: E402
+from decoder.model import PooledCaptioner, caption_loss, split_output  # noqa: E402
 from featurize.encoder import build_inception  # noqa: E402
 from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
 from training import data as D  # noqa: E402
-from training.phases.decoder import FeatureData, TrainConfig, decoder_defaults  # noqa: E402
+from training.options import DecoderConfig, decoder_defaults  # noqa: E402
+from training.phases.decoder import FeatureData  # noqa: E402
 
 
 def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float, int, float]:
@@ -51,7 +53,7 @@ def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float,
         config = CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder)
         model = build_captioner(config)
         defaults = {k: v for k, v in decoder_defaults(decoder, len(train)).items() if k not in ("epochs", "select_by")}
-        cfg = TrainConfig(workdir=str(workdir), store=str(store.path), **defaults)
+        cfg = DecoderConfig(workdir=str(workdir), store=str(store.path), **defaults)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         data = FeatureData(store, train, val, cfg, maps=reads_maps(config))
         batches = data.train_batches(0, 0)

@@ -69,7 +69,7 @@ def main() -> None:
     a = p.parse_args()
     results = json.loads(a.out.read_text()) if a.out.is_file() else {}
     loaded = load_run(a.run, a.checkpoint)
-    workdir = Path(loaded.state["config"]["train"]["workdir"])
+    workdir = Path(loaded.state["config"]["decoder"]["workdir"])
     records = read_manifest(workdir)
     rows, features = split_features(loaded, records, a.split, tta=False)
     ids = [records[i].id for i in rows]

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from decoder.model import CaptionerConfig
+from decoder.config import CaptionerConfig
 from store.errors import UserError
 
 SHRINK = 0.75  # teacher forcing drops the ended captions once they are a quarter of those it steps

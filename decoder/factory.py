@@ -10,10 +10,9 @@ from __future__ import annotations
 from torch import nn
 
 from decoder.attention import AttentionCaptioner
-from decoder.model import CaptionerConfig, PooledCaptioner
+from decoder.config import DECODERS, CaptionerConfig
+from decoder.model import PooledCaptioner
 from store.errors import UserError
-
-DECODERS = ("pooled", "attention")
 
 
 def build_captioner(config: CaptionerConfig) -> nn.Module:

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from decoder.config import CaptionerConfig
 from decoder.consensus import Neighbours
 from decoder.consensus import rerank as consensus_rerank
 from decoder.ensemble import Ensemble, check_members_agree
 from decoder.factory import build_captioner, reads_maps
-from decoder.model import CaptionerConfig
 from decoder.prior import PriorCorrected
 from decoder.search import beam_candidates, beam_search
 from featurize.crops import CropPolicy
@@ -130,8 +130,8 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
         if run.neighbours.is_file():
             loaded.neighbours = Neighbours.load(run.neighbours)
         else:
-            train = loaded.state["config"]["train"]
-            store_file, workdir = Path(train["store"]), Path(train["workdir"])
+            decoder = loaded.state["config"]["decoder"]
+            store_file, workdir = Path(decoder["store"]), Path(decoder["workdir"])
             if not store_file.is_file():
                 raise UserError(
                     f"re-ranking needs the training photos: {run.neighbours} is missing and so is {store_file}"
@@ -161,8 +161,8 @@ def average_photo_for(loaded: LoadedCaptioner) -> torch.Tensor:
         if run.average_photo.is_file():
             loaded.average_photo = torch.from_numpy(np.load(run.average_photo))
         else:
-            train = loaded.state["config"]["train"]
-            store_file, workdir = Path(train["store"]), Path(train["workdir"])
+            decoder = loaded.state["config"]["decoder"]
+            store_file, workdir = Path(decoder["store"]), Path(decoder["workdir"])
             if not store_file.is_file():
                 raise UserError(
                     f"--prior-penalty needs the training photos: {run.average_photo} is missing and so is {store_file}"

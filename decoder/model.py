@@ -8,37 +8,19 @@ trained to predict `<start>` (a constant that wastes capacity): `<start>` is the
 the loss covers only the words after it.
 
 Decoding goes through `init_state(features)` and `step(tokens, state)` so that greedy and beam
-search (decoder/search.py) are written once for every phase. `CaptionerConfig` configures every
-captioner (decoder/factory.py builds the one it names) and `caption_loss` is the loss all phases train.
+search (decoder/search.py) are written once for every phase. `CaptionerConfig` (decoder/config.py)
+configures every captioner (decoder/factory.py builds the one it names) and `caption_loss` is the loss
+all phases train.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
+from decoder.config import CaptionerConfig
+
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (layers, B, H)
-
-
-@dataclass(frozen=True)
-class CaptionerConfig:
-    """Everything needed to rebuild the model; saved in every checkpoint."""
-
-    vocab_size: int
-    feature_dim: int = 2048
-    embed_size: int = 256
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.2
-    image_as: str = "input"  # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
-    decoder: str = "pooled"  # "pooled": this module's captioner; "attention": decoder/attention.py's
-    attention_size: int = 256  # attention decoder: size of the query/key space
-    attention_penalty: float = 1.0  # attention decoder: lambda of the doubly stochastic penalty
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class PooledCaptioner(nn.Module):

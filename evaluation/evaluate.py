@@ -33,13 +33,13 @@ def split_features(
     """(manifest rows, features (n, D), or regions (n, R, D) for the attention decoder) of the
     split's images that have features."""
     check_tta(loaded.state, tta)
-    train_cfg = loaded.state["config"]["train"]
+    decoder_cfg = loaded.state["config"]["decoder"]
     rows = [i for i, r in enumerate(records) if r.split == split]
     if "encoder" in loaded.state:  # joint phase: the cached features are from the CNN before fine-tuning
         feats, _ = encode_photos(loaded, [Path(records[i].path) for i in rows], tta=tta, workers=workers)
         kept = [rows[j] for j in sorted(feats)]
         return kept, torch.stack([feats[j] for j in sorted(feats)]) if kept else torch.zeros(0)
-    with FeatureStore.open(Path(train_cfg["store"])) as store:
+    with FeatureStore.open(Path(decoder_cfg["store"])) as store:
         check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
         check_store_serves(store, loaded.state["config"]["model"], f"checkpoint {loaded.path}", loaded.state["store"])
         done = np.asarray(store.done, dtype=bool)
@@ -67,7 +67,7 @@ def evaluate_run(
     prior_penalty: float = 0.0,
 ) -> dict:
     """Scores of `loaded` on `split`; also writes the eval files when `write`."""
-    workdir = Path(workdir or loaded.state["config"]["train"]["workdir"])
+    workdir = Path(workdir or loaded.state["config"]["decoder"]["workdir"])
     records = read_manifest(workdir)
     rows, features = split_features(loaded, records, split, tta)
     if not rows:

@@ -4,6 +4,10 @@
 kept as `previous.pt`, so a file damaged after the fact (a truncated copy, a full disk during a
 later write) costs one checkpoint interval, not the run. Loading always uses
 `torch.load(weights_only=True)`: a file crafted to run code when unpickled is refused.
+
+Format 2 keeps each phase's options in `config` under the phase's name ("decoder", "joint",
+"scst"); format 1 kept the decoder phase's under "train", which loading renames, so runs made
+before still resume, caption and evaluate.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from store.errors import UserError
 from store.files import safe_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "phase", "config", "vocab", "rng")
 
 
@@ -59,6 +63,8 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(
             f"{path} has format version {state['format_version']}; this légende reads up to {FORMAT_VERSION}"
         )
+    if state["format_version"] < 2 and "train" in state["config"]:
+        state["config"]["decoder"] = state["config"].pop("train")
     return state
 
 

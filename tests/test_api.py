@@ -127,7 +127,7 @@ def test_training_from_python_is_quiet_and_checks_its_options(featurized, traine
 
     ours, cli = (torch.load(RunDir(r).last, weights_only=True) for r in (tmp_path / "r", trained))
     assert (ours["epoch"], ours["step"]) == (cli["epoch"], cli["step"]) == (2, resumed.position.step)
-    assert ours["config"]["train"]["lr"] == 3e-3 and ours["model"].keys() == cli["model"].keys()
+    assert ours["config"]["decoder"]["lr"] == 3e-3 and ours["model"].keys() == cli["model"].keys()
     for name, value in cli["model"].items():  # equal up to the order of threaded sums
         torch.testing.assert_close(ours["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     images = sorted(photos.glob("*.png"))

@@ -16,8 +16,8 @@ from rich.console import Console
 
 from cli import main
 from decoder.attention import AttentionCaptioner
+from decoder.config import CaptionerConfig
 from decoder.inference import load_run
-from decoder.model import CaptionerConfig
 from decoder.search import beam_search
 from featurize.crops import CropPolicy
 from featurize.encoder import build_inception, regions
@@ -238,27 +238,28 @@ def test_attention_options_are_checked_in_one_line(mapped, trained, tmp_path):
 def test_train_picks_the_attention_decoder_for_a_store_with_maps(mapped, featurized, tmp_path):
     run_cli("train", mapped, "--run", tmp_path / "a", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["model"]["decoder"] == "attention" and config["train"]["select_by"] == "cider"
-    assert not config["train"]["group_by_photo"] and config["train"]["lr"] == 3e-4  # small data: batches of 32
-    assert config["train"]["epochs"] == 1 and config["train"]["batch_size"] == 8  # what the user gave wins
+    assert config["model"]["decoder"] == "attention" and config["decoder"]["select_by"] == "cider"
+    assert not config["decoder"]["group_by_photo"] and config["decoder"]["lr"] == 3e-4  # small data: batches of 32
+    assert config["decoder"]["epochs"] == 1 and config["decoder"]["batch_size"] == 8  # what the user gave wins
     run_cli("train", featurized, "--run", tmp_path / "p", "--epochs", 1, *TINY)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
-    assert config["model"]["decoder"] == "pooled" and config["train"]["select_by"] == "loss"
+    assert config["model"]["decoder"] == "pooled" and config["decoder"]["select_by"] == "loss"
 
 
 def test_maps_from_disk_give_the_batches_of_maps_in_memory(mapped):
     from store.manifest import read_manifest
     from store.text import Vocabulary
     from training import data as D
-    from training.phases.decoder import FeatureData, TrainConfig
+    from training.options import DecoderConfig
+    from training.phases.decoder import FeatureData
 
     records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
     with FeatureStore.open(find_store(mapped)) as store:
         usable = np.asarray(store.done, dtype=bool)
         train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
-        cfg = TrainConfig(workdir=str(mapped), store=str(store.path), batch_size=8)
+        cfg = DecoderConfig(workdir=str(mapped), store=str(store.path), batch_size=8)
         in_ram = FeatureData(store, train, val, cfg, maps=True)
-        from_disk = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}), maps=True)
+        from_disk = FeatureData(store, train, val, DecoderConfig(**{**cfg.__dict__, "stream": True}), maps=True)
         assert isinstance(in_ram.source, D.InMemoryMaps) and isinstance(from_disk.source, D.StreamingMaps)
         for (fa, ca), (fb, cb) in zip(in_ram.train_batches(1, 0), from_disk.train_batches(1, 0), strict=True):
             assert fa.shape[1:] == (9, 2048) and torch.equal(fa, fb) and torch.equal(ca, cb)
@@ -286,7 +287,8 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
     from store.manifest import read_manifest
     from store.text import Vocabulary
     from training import data as D
-    from training.phases.decoder import FeatureData, TrainConfig
+    from training.options import DecoderConfig
+    from training.phases.decoder import FeatureData
 
     records, vocab = read_manifest(mapped), Vocabulary.load(mapped / "vocab.json")
     with FeatureStore.open(find_store(mapped)) as store:
@@ -299,11 +301,11 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
         assert len(runs) == len(set(photos.tolist()))  # each photo's captions in one run
         assert not np.array_equal(order, D.epoch_order(train, 4, 0, store.num_crops, store.chunk_rows, True)[0])
 
-        cfg = TrainConfig(workdir=str(mapped), store=str(store.path), batch_size=8, group_by_photo=True)
+        cfg = DecoderConfig(workdir=str(mapped), store=str(store.path), batch_size=8, group_by_photo=True)
         config = CaptionerConfig(len(vocab), embed_size=8, hidden_size=16, attention_size=8, decoder="attention")
         model = AttentionCaptioner(config).eval()
         in_ram = FeatureData(store, train, val, cfg, maps=True)
-        from_disk = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}), maps=True)
+        from_disk = FeatureData(store, train, val, DecoderConfig(**{**cfg.__dict__, "stream": True}), maps=True)
         maps_read = 0
         for (ra, ca), (rb, cb) in zip(in_ram.train_batches(1, 0), from_disk.train_batches(1, 0), strict=True):
             assert isinstance(ra, Regions) and torch.equal(ra.maps, rb.maps) and torch.equal(ra.photo, rb.photo)
@@ -318,9 +320,9 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
 
 
 def test_the_attention_decoder_groups_batches_of_64_by_photo_from_20000_training_captions():
-    from training.phases.decoder import LARGE_DATA_CAPTIONS, decoder_defaults
+    from training.options import LARGE_DATA_CAPTIONS, decoder_defaults
 
     small, large = decoder_defaults("attention", LARGE_DATA_CAPTIONS - 1), decoder_defaults("attention", 29_981)
-    assert small == {"epochs": 12, "select_by": "cider"}  # TrainConfig's batches of 32 at lr 3e-4, ungrouped
+    assert small == {"epochs": 12, "select_by": "cider"}  # DecoderConfig's batches of 32 at lr 3e-4, ungrouped
     assert large == {**small, "group_by_photo": True, "batch_size": 64, "lr": 4e-4}
     assert decoder_defaults("pooled", 10**6) == {}

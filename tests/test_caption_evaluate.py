@@ -112,7 +112,7 @@ def test_a_run_refuses_a_store_from_another_dataset(trained, featurized, tmp_pat
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join(lines[:-1]) + "\n")  # one image fewer: another dataset
     config = json.loads((trained / "config.json").read_text())
-    assert config["train"]["workdir"] == str(featurized)
+    assert config["decoder"]["workdir"] == str(featurized)
     out = run_cli("train", other, "--run", tmp_path / "r", *TINY, check=False)
     assert out.returncode == 1 and "built from other images" in out.stderr
 
@@ -143,7 +143,7 @@ def test_a_store_serves_another_split_of_the_same_images(featurized, tmp_path):
     with open(RunDir(run).epochs_csv, newline="") as f:
         [epoch] = list(csv.DictReader(f))
     assert epoch["phase"] == "decoder" and float(epoch["val_loss"]) > 0
-    assert json.loads((run / "config.json").read_text())["train"]["workdir"] == str(other)
+    assert json.loads((run / "config.json").read_text())["decoder"]["workdir"] == str(other)
     assert hashlib.sha256(store.read_bytes()).hexdigest() == before  # the store is read, never rewritten
 
 

@@ -23,7 +23,7 @@ def state(step: int) -> dict:
 def test_round_trip_with_weights_only(tmp_path):
     save_checkpoint(state(7), tmp_path / "last.pt")
     loaded = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert loaded["step"] == 7 and loaded["format_version"] == 1
+    assert loaded["step"] == 7 and loaded["format_version"] == 2
     assert torch.equal(loaded["model"]["w"], torch.full((3,), 7.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from decoder.model import CaptionerConfig, PooledCaptioner
+from decoder.config import CaptionerConfig
+from decoder.model import PooledCaptioner
 from featurize.encoder import build_inception
 from store.rundir import RunDir
 from tests.helpers import ROOT, TINY, run_cli

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from decoder.model import CaptionerConfig, PooledCaptioner, caption_loss
+from decoder.config import CaptionerConfig
+from decoder.model import PooledCaptioner, caption_loss
 from decoder.search import beam_search, greedy
 
 START, END, UNK = 1, 2, 3

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from decoder.config import CaptionerConfig
 from decoder.ensemble import Ensemble
 from decoder.factory import build_captioner
-from decoder.model import CaptionerConfig
 from decoder.prior import PriorCorrected
 from decoder.search import beam_search
 from store.errors import UserError

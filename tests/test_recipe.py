@@ -7,13 +7,16 @@ import shutil
 
 import pytest
 import torch
+from click.testing import CliRunner
 from rich.console import Console
 
+from cli import main
+from decoder.config import CaptionerConfig
 from decoder.ensemble import Ensemble
-from decoder.model import CaptionerConfig, PooledCaptioner
+from decoder.model import PooledCaptioner
 from decoder.search import beam_search
 from store.rundir import RunDir
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY, one_line_error, run_cli
 from training.recipe import Plan, train_run
 
 OPTIONS = {"epochs": 1, "embed_size": 16, "hidden_size": 16, "batch_size": 64}  # two batches per step
@@ -49,7 +52,7 @@ def test_members_train_with_their_own_seed_and_caption_together(featurized, ense
     assert "member 2/2" in said
     members = RunDir(run).members()
     assert [m.name for m in members] == ["0", "1"]
-    seeds = [torch.load(m.last, weights_only=True)["config"]["train"]["seed"] for m in members]
+    seeds = [torch.load(m.last, weights_only=True)["config"]["decoder"]["seed"] for m in members]
     assert seeds == [0, 1]
     plan = Plan.load(RunDir(run))
     assert plan.members == 2 and plan.done == [[0, 0], [1, 0]]
@@ -83,7 +86,7 @@ def test_a_recipe_interrupted_anywhere_ends_where_an_uninterrupted_one_does(feat
     quiet = Console(file=io.StringIO())
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     first = dict(steps[0][1])
-    kwargs = {"phase": None, "members": 2, "console": quiet, "weights": None}
+    kwargs = {"phase": None, "members": 2, "console": quiet}
     train_run(featurized, straight, resume=False, max_minutes=None, options=first, **kwargs)
     outcome = train_run(featurized, stopped, resume=False, max_minutes=1e-9, options=first, **kwargs)
     sessions = 1
@@ -107,3 +110,27 @@ def test_a_phase_added_to_an_ensemble_runs_for_every_member(featurized, ensemble
     shutil.rmtree(RunDir(run).member(1).path)  # a member lost: caption still works with the rest
     image = sorted((featurized.parent / "synth" / "images").glob("*.png"))[0]
     assert json.loads(run_cli("caption", image, "--run", run, "--format", "json", "--workers", 0).stdout)[0]["caption"]
+
+
+def test_a_recipe_run_resumes_with_the_options_its_steps_were_given(ensemble, tmp_path):
+    run = tmp_path / "ens"
+    shutil.copytree(ensemble[0], run)
+    before = RunDir(run).recipe.read_text()
+    line = one_line_error(CliRunner().invoke(main, ["train", "--run", str(run), "--resume", "--epochs", "3"]))
+    assert (
+        line
+        == f"Error: {run} follows recipe.json, whose steps keep the options they were given: resume it without --epochs"
+    )
+    assert RunDir(run).recipe.read_text() == before
+
+
+def test_a_recipe_file_written_before_options_were_checked_still_loads(tmp_path):
+    """Such files keep --weights beside the steps and may hold options the step's phase ignored."""
+    run = RunDir(tmp_path / "old")
+    run.path.mkdir()
+    steps = [["decoder", {"epochs": 2, "cnn_lr": 1e-5}], ["scst", {"epochs": 1, "hidden_size": 8}]]
+    old = {"steps": steps, "members": 2, "done": [[0, 0]], "workdir": "data/w", "weights": "none"}
+    run.recipe.write_text(json.dumps(old))
+    plan = Plan.load(run)
+    assert plan.steps == [("decoder", {"epochs": 2, "weights": "none"}), ("scst", {"epochs": 1})]
+    assert (plan.members, plan.done, plan.workdir) == (2, [[0, 0]], "data/w")

@@ -100,7 +100,8 @@ def test_samples_follow_the_rules_of_search_and_score_the_policy_they_were_drawn
     """No <unk> and no empty caption, even from a decoder that prefers both; each token's
     log-probability is under the distribution it was drawn from (renormalised over the allowed
     words), and the loss backpropagates."""
-    from decoder.model import CaptionerConfig, PooledCaptioner
+    from decoder.config import CaptionerConfig
+    from decoder.model import PooledCaptioner
     from training.phases.scst import SampleNet
 
     start, end, unk = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.unk_id

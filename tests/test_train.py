@@ -21,7 +21,8 @@ from store.rundir import RunDir
 from store.text import Vocabulary
 from tests.helpers import ROOT, TINY, run_cli
 from training import data as D
-from training.phases.decoder import FeatureData, TrainConfig, train_decoder
+from training.options import DecoderConfig
+from training.phases.decoder import FeatureData, train_decoder
 
 
 def params(run_dir, name="last.pt"):
@@ -125,9 +126,9 @@ def test_streaming_gives_the_same_batches_as_memory(featurized):
         usable = np.asarray(store.done, dtype=bool)
         train = D.build_pairs(records, vocab, "train", usable)
         val = D.build_pairs(records, vocab, "val", usable)
-        cfg = TrainConfig(workdir=str(featurized), store=str(store.path), batch_size=8)
+        cfg = DecoderConfig(workdir=str(featurized), store=str(store.path), batch_size=8)
         in_ram = FeatureData(store, train, val, cfg)
-        streamed = FeatureData(store, train, val, TrainConfig(**{**cfg.__dict__, "stream": True}))
+        streamed = FeatureData(store, train, val, DecoderConfig(**{**cfg.__dict__, "stream": True}))
         assert isinstance(streamed.source, D.StreamingFeatures) and isinstance(in_ram.source, D.InMemoryFeatures)
         streamed.source.chunk_rows = 3  # many chunks, so the chunk cache is exercised
         for epoch in (0, 1):
@@ -159,6 +160,32 @@ def test_resume_refuses_a_changed_architecture(featurized, tmp_path):
     )
     out = run_cli("train", featurized, "--run", run, *TINY, check=False)
     assert out.returncode == 1 and "already has checkpoints" in out.stderr
+
+
+def test_a_run_from_format_1_resumes_evaluates_captions_and_starts_another_phase(trained, featurized, tmp_path):
+    """Checkpoints of format 1 kept the decoder phase's options under "train"; they load as "decoder"."""
+    import shutil
+
+    import legende
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    for path in RunDir(old).checkpoints.glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["config"]["train"] = state["config"].pop("decoder")
+        torch.save({**state, "format_version": 1}, path)
+    RunDir(old).neighbours.unlink()  # re-ranking rebuilds it from the store and dataset the config names
+    images = sorted((featurized.parent / "synth" / "images").glob("*.png"))[:4]
+    assert legende.Captioner.load(old)(images) == legende.Captioner.load(trained)(images)
+    assert legende.Captioner.load(old).evaluate("val", write=False)["images"] > 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(old, resumed)
+    assert legende.train(run_dir=resumed, resume=True, epochs=3).position.epoch == 3
+    state = torch.load(RunDir(resumed).last, weights_only=True)
+    assert state["format_version"] == 2 and state["config"]["decoder"]["workdir"] == str(featurized)
+    assert legende.train(run_dir=old, phase="scst", epochs=1, batch_size=4).status == "finished"
+    state = torch.load(RunDir(old).last, weights_only=True)
+    assert state["phase"] == "scst" and state["config"]["decoder"]["seed"] == state["config"]["scst"]["seed"] == 0
 
 
 def test_threads_option_and_its_environment_variable_set_torch_threads(featurized, tmp_path):

@@ -12,6 +12,12 @@ reads it and continues with the first pair not finished: resumed from its last c
 step had started (its phase is the checkpoint's), started afresh otherwise. So an interruption
 between two steps, or in the middle of one, loses nothing. Each member runs all its steps before
 the next member starts, so the first complete model exists as early as possible.
+
+Options belong to phases (training/options.py), and an option that the phase about to run does not
+take is refused before anything is written: with --phase, that phase's; for a new run without it,
+the recipe's first phase's (its other steps keep their own); with --resume, the phase where the run
+stopped. A run of several steps or members resumes with the options its steps were given, so
+--resume takes no options there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from store.errors import UserError
 from store.files import atomic_write_bytes
 from store.rundir import RunDir
 from training.loop import Outcome, Position
+from training.options import DecoderConfig, check_phase_takes, takes
 from training.skeleton import resolve_run
 
 # The default recipe, chosen on the cross-validated measurement (docs/quality.md).
@@ -57,8 +64,7 @@ class Plan:
     steps: list[tuple[str, dict]]
     members: int = 1
     done: list[list[int]] = field(default_factory=list)  # [member, step] pairs that finished
-    workdir: str | None = None  # the dataset and feature store of the steps that start afresh
-    weights: str | None = None
+    workdir: str | None = None  # the dataset of the steps that start afresh
 
     def save(self, run: RunDir) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes
@@ -67,7 +73,6 @@ class Plan:
                 "members": self.members,
                 "done": self.done,
                 "workdir": self.workdir,
-                "weights": self.weights,
             }
             atomic_write_bytes(run.recipe, json.dumps(text, indent=1, sort_keys=True).encode())
 
@@ -75,9 +80,14 @@ class Plan:
     def load(cls, run: RunDir) -> Plan:
         try:
             data = json.loads(run.recipe.read_text())
-            steps = [(p, o) for p, o in data["steps"]]
+            # files written before options were checked may hold options of other phases, which
+            # those runs ignored, and keep --weights beside the steps
+            steps = [(p, {k: v for k, v in o.items() if takes(p, k)}) for p, o in data["steps"]]
+            for p, o in steps:
+                if p == "decoder" and data.get("weights"):
+                    o.setdefault("weights", data["weights"])
             done = [list(d) for d in data["done"]]
-            return cls(steps, int(data["members"]), done, data.get("workdir"), data.get("weights"))
+            return cls(steps, int(data["members"]), done, data.get("workdir"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{run.recipe} is not a recipe file ({e})") from None
 
@@ -92,11 +102,13 @@ def train_run(
     max_minutes: float | None,
     options: dict,
     console: Console,
-    weights: str | None = None,
 ) -> Outcome:
-    """`train`: with --phase, that phase (for every member of an ensemble run); without, the recipe."""
+    """`train`: with --phase, that phase (for every member of an ensemble run); without, the recipe.
+    `options` are the given ones, by field name (training/options.py)."""
     if members is not None and members < 1:
         raise UserError("--members must be at least 1")
+    if not resume:
+        check_phase_takes(phase or RECIPE[0][0], options)
     follows = resume or phase in ("joint", "scst")  # these continue a run: by default the latest
     existing = RunDir(run_dir) if run_dir is not None else (RunDir.latest() if follows else None)
     plan = Plan.load(existing) if existing is not None and existing.recipe.is_file() else None
@@ -104,6 +116,7 @@ def train_run(
         if plan is None:  # a plain run: resume the phase of its checkpoint
             resolve_run(existing.path, resume=True, default_latest=True)  # says so when there is nothing to resume
             state, _ = load_resumable(existing.checkpoints)
+            check_phase_takes(phase or state["phase"], options)
             return phase_trainer(phase or state["phase"])(
                 workdir, existing.path, resume=True, max_minutes=max_minutes, options=options, console=console
             )
@@ -111,13 +124,19 @@ def train_run(
             raise UserError(
                 f"{existing} follows {existing.recipe.name}, which has no {phase} step: resume it without --phase"
             )
-        return _execute(plan, existing, workdir, max_minutes, console, weights)
+        if options:
+            given = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise UserError(
+                f"{existing} follows {existing.recipe.name}, whose steps keep the options they were given: "
+                f"resume it without {given}"
+            )
+        return _execute(plan, existing, workdir, max_minutes, console)
     if phase is not None and plan is not None:  # one more phase for every member
         if members is not None and members != plan.members:
             raise UserError(f"{existing} has {plan.members} member(s); --members cannot change that")
         plan.steps.append((phase, options))
         plan.save(existing)
-        return _execute(plan, existing, workdir, max_minutes, console, weights)
+        return _execute(plan, existing, workdir, max_minutes, console)
     steps = (
         [(phase, options)]
         if phase is not None
@@ -126,26 +145,20 @@ def train_run(
     count = members or 1
     if len(steps) == 1 and count == 1:  # a plain run
         return phase_trainer(steps[0][0])(
-            workdir,
-            run_dir,
-            resume=False,
-            max_minutes=max_minutes,
-            options=steps[0][1],
-            console=console,
-            weights=weights,
+            workdir, run_dir, resume=False, max_minutes=max_minutes, options=steps[0][1], console=console
         )
     if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("under torchrun, a run of several steps or members needs --run-dir")
     run = resolve_run(run_dir, resume=False, default_latest=False)
     if run.checkpoints.exists() or run.recipe.exists():
         raise UserError(f"{run} already has checkpoints: add --resume, or choose a new --run")
-    plan = Plan(steps, count, workdir=str(workdir or "data/work"), weights=weights)
+    plan = Plan(steps, count, workdir=str(workdir or "data/work"))
     plan.save(run)
-    return _execute(plan, run, workdir, max_minutes, console, weights)
+    return _execute(plan, run, workdir, max_minutes, console)
 
 
-def _execute(plan: Plan, run: RunDir, workdir: Path | None, max_minutes: float | None, console, weights) -> Outcome:
-    workdir, weights = workdir or plan.workdir, weights or plan.weights
+def _execute(plan: Plan, run: RunDir, workdir: Path | None, max_minutes: float | None, console) -> Outcome:
+    workdir = workdir or plan.workdir
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     outcome = Outcome("finished", Position(), run_dir=run.path)
     ran = False
@@ -161,7 +174,7 @@ def _execute(plan: Plan, run: RunDir, workdir: Path | None, max_minutes: float |
             started = started or (k == 0 and where.has_checkpoint())
             opts = dict(options)
             if phase == "decoder" and not started:  # members differ only in seed
-                opts["seed"] = opts.get("seed", 0) + member
+                opts["seed"] = opts.get("seed", DecoderConfig.seed) + member
             label = f"member {member + 1}/{plan.members}, " if plan.members > 1 else ""
             console.print(f"{label}step {k + 1}/{len(plan.steps)}: {phase} phase of {where}")
             outcome = phase_trainer(phase)(
@@ -171,7 +184,6 @@ def _execute(plan: Plan, run: RunDir, workdir: Path | None, max_minutes: float |
                 max_minutes=None if left is None else max(left, 1e-9),  # 0 would mean no limit
                 options={} if started else opts,
                 console=console,
-                weights=weights,
             )
             ran = True
             if outcome.status != "finished":

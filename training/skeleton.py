@@ -1,10 +1,11 @@
 """The training skeleton every phase shares: which run, resume, option merging, seeds, the loop.
 
 A phase (training/phases/: decoder.py, joint.py, scst.py) states only what is its own, as a
-`Phase`: its name, its options dataclass, which options a resume may change, how a fresh session
-fills its options, and how to build its network, optimizer and data (`build` returns a `Built`).
-The rest is here, once: the run directory, loading last.pt (or previous.pt), refusing an option
-that would change the run, the seeds (the same initial weights on every torchrun rank, then each
+`Phase`: its name, its options dataclass (training/options.py, which also marks the options a
+resume may change), how a fresh session fills its options, and how to build its network, optimizer
+and data (`build` returns a `Built`). The rest is here, once: the run directory, loading last.pt
+(or previous.pt), starting from another phase's checkpoint, refusing an option that would change
+the run, the seeds (the same initial weights on every torchrun rank, then each
 rank its own dropout stream), config.json, the time limit and signals, and the loop itself
 (training/loop.py).
 
@@ -23,14 +24,15 @@ from typing import Any, Protocol
 import torch
 from rich.console import Console
 
-from decoder.model import CaptionerConfig
-from store.checkpoints import load_resumable
+from decoder.config import CaptionerConfig
+from store.checkpoints import load_checkpoint, load_resumable
 from store.distributed import Dist, barrier, broadcast_object, process_group
 from store.errors import UserError
 from store.rundir import RunDir
 from store.seeds import derive_seed
 from training.loop import Fit, Outcome, Position, resume_from
 from training.loop import run as run_loop
+from training.options import changeable_on_resume, inherited
 from training.stopping import StopRequest
 
 
@@ -45,15 +47,11 @@ class Built:
 
 
 class Phase(Protocol):
-    name: str  # the checkpoint's "phase" and the metrics' phase column
-    options_key: str  # state["config"][options_key] holds the phase's options
-    changeable_on_resume: frozenset[str]  # options a resumed session may change
+    name: str  # the checkpoint's "phase", the key of its options in config, the metrics' phase column
     follows_a_run: bool  # starts from a run's checkpoint, so its default run is the latest one
-    options_type: type  # a frozen dataclass with at least `seed` and `epochs`
+    options_type: type  # a frozen dataclass with at least `seed` and `epochs` (training/options.py)
 
-    def fresh_options(
-        self, run: RunDir, workdir: Path | None, options: dict, weights: str | None
-    ) -> tuple[Any, dict | None]:
+    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict) -> tuple[Any, dict | None]:
         """(options, checkpoint to start from or None) for a session that is not a resume."""
 
     def build(self, ctx: Dist, run: RunDir, cfg: Any, state: dict | None, stack: ExitStack) -> Built:
@@ -69,14 +67,13 @@ def train_phase(
     max_minutes: float | None,
     options: dict,
     console: Console,
-    weights: str | None = None,
 ) -> Outcome:
-    """Train (or resume) one phase of a run; `options` holds the explicitly given CLI options."""
+    """Train (or resume) one phase of a run; `options` holds the given options, all the phase's."""
     with process_group() as ctx:  # left after the training's objects (DDP among them) are gone
-        return _train(ctx, phase, workdir, run_dir, resume, max_minutes, options, console, weights)
+        return _train(ctx, phase, workdir, run_dir, resume, max_minutes, options, console)
 
 
-def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, options, console, weights) -> Outcome:
+def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, options, console) -> Outcome:
     threads = torch.get_num_threads()
     console = console if ctx.is_main else Console(quiet=True)
     default_latest = resume or phase.follows_a_run
@@ -88,17 +85,18 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
             if phase.follows_a_run:
                 hint = f"start the {phase.name} phase without --resume"
             raise UserError(f"{path} is a {state['phase']}-phase checkpoint: {hint}")
-        saved = state["config"][phase.options_key]
+        saved = state["config"][phase.name]
         model = {**MODEL_DEFAULTS, **state["config"].get("model", {})}  # a config from before a field existed
-        check_options_unchanged({**model, **saved}, options, phase.changeable_on_resume)
-        changed = {k: v for k, v in options.items() if k in phase.changeable_on_resume and v is not None}
+        changeable = changeable_on_resume(phase.options_type)
+        check_options_unchanged({**model, **saved}, options, changeable)
+        changed = {k: v for k, v in options.items() if k in changeable and v is not None}
         cfg = phase.options_type(**{**saved, **changed})
         console.print(
             f"resuming {phase.name} phase of {run} from {path.name}: epoch {state['epoch'] + 1}, "
             f"batch {state.get('batch_in_epoch', 0)}, step {state['step']}, CPU threads: {threads}"
         )
     else:
-        cfg, state = phase.fresh_options(run, workdir, options, weights)
+        cfg, state = phase.fresh_options(run, workdir, options)
     with ExitStack() as stack:
         torch.manual_seed(cfg.seed)
         built = phase.build(ctx, run, cfg, state, stack)
@@ -119,6 +117,25 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
 
 
 MODEL_DEFAULTS = {f.name: f.default for f in fields(CaptionerConfig) if f.default is not MISSING}
+
+
+def start_from_checkpoint(phase: Phase, run: RunDir, workdir: Path | None, options: dict) -> tuple[Any, dict]:
+    """(options, checkpoint) of a phase that starts from a checkpoint: `--init`, by default the
+    run's best.pt. The dataset, the store and the options the phase inherits come from the decoder
+    phase that checkpoint descends from; then the given options."""
+    init = Path(options.get("init") or run.best)
+    state = load_checkpoint(init)
+    if state["phase"] == phase.name and run.last.exists() and init.parent == run.checkpoints:
+        raise UserError(f"{run} is already in the {phase.name} phase: add --resume")
+    decoder = state["config"]["decoder"]
+    given = {
+        **inherited(phase.options_type, decoder),
+        "workdir": str(workdir or decoder["workdir"]),
+        "store": decoder["store"],
+        **options,
+        "init": str(init),
+    }
+    return phase.options_type(**given), state
 
 
 def resolve_run(run_dir: Path | None, resume: bool, default_latest: bool) -> RunDir:

@@ -11,15 +11,15 @@ the architecture, naming the option (training/skeleton.py).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from decoder.config import CaptionerConfig
 from decoder.consensus import Neighbours
 from decoder.factory import build_captioner, check_store_serves, reads_maps
-from decoder.model import CaptionerConfig
 from store.distributed import SINGLE, Dist
 from store.errors import UserError
 from store.features import FeatureStore, find_store, store_identity
@@ -29,46 +29,8 @@ from store.text import Vocabulary
 from training import data as D
 from training.cached_features import open_training_store, val_cider_score
 from training.loop import Fit, Outcome, Position
+from training.options import DecoderConfig, decoder_defaults, given_fields
 from training.skeleton import Built, train_phase
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of a training run; fixed for its lifetime except `epochs`, which a resume may extend."""
-
-    workdir: str
-    store: str
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = 3e-4
-    grad_clip: float = 5.0
-    seed: int = 0
-    stream: bool = False
-    select_by: str = "loss"  # which validation score picks best.pt: "loss" or "cider"
-    group_by_photo: bool = False  # batches keep a photo's captions together (training/data.py)
-
-
-MODEL_OPTIONS = {f.name for f in fields(CaptionerConfig)} - {"vocab_size", "feature_dim"}
-# Each decoder's own defaults, measured by cross-validation (docs/quality.md): the attention
-# decoder peaks earlier, and its best epoch is found by validation CIDEr-D.
-DECODER_DEFAULTS = {"pooled": {}, "attention": {"epochs": 12, "select_by": "cider"}}
-# From this many training captions the attention decoder takes batches of 64 captions grouped by
-# photo, which cost about two thirds of an epoch of ungrouped batches of 32: measured at 29,981
-# captions (6,000 Flickr8k photos). On 3,060 captions the same batches lost CIDEr-D in
-# cross-validation (an epoch is then only ~48 steps), so smaller data keeps the batches of 32.
-LARGE_DATA_CAPTIONS = 20_000
-LARGE_DATA_DEFAULTS = {"group_by_photo": True, "batch_size": 64, "lr": 4e-4}
-
-
-def decoder_defaults(decoder: str, train_captions: int) -> dict:
-    """The training options a decoder takes by default on this many training captions."""
-    defaults = dict(DECODER_DEFAULTS[decoder])
-    if decoder == "attention" and train_captions >= LARGE_DATA_CAPTIONS:
-        defaults.update(LARGE_DATA_DEFAULTS)
-    return defaults
-
-
-TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"workdir", "store"}
 
 
 class FeatureData:
@@ -79,7 +41,7 @@ class FeatureData:
         store: FeatureStore,
         train: D.Pairs,
         val: D.Pairs,
-        cfg: TrainConfig,
+        cfg: DecoderConfig,
         ctx: Dist = SINGLE,
         maps: bool = False,
     ):
@@ -102,26 +64,24 @@ class FeatureData:
 
 class DecoderPhase:
     name = "decoder"
-    options_key = "train"
-    options_type = TrainConfig
-    changeable_on_resume = frozenset({"epochs", "stream"})
+    options_type = DecoderConfig
     follows_a_run = False
 
-    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict, weights: str | None):
+    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict):
         if run.checkpoints.exists():
             raise UserError(f"{run} already has checkpoints: add --resume, or choose a new --run")
         workdir = Path(workdir or "data/work")
-        store_path = find_store(workdir, weights)
-        given = {k: v for k, v in options.items() if k in TRAIN_OPTIONS and v is not None}
-        self.model_options = {k: v for k, v in options.items() if k in MODEL_OPTIONS and v is not None}
+        given = given_fields(DecoderConfig, options)
+        store_path = find_store(workdir, given.get("weights"))
+        self.model_options = given_fields(CaptionerConfig, options)
         decoder = self.model_options.setdefault("decoder", default_decoder(store_path))
         if given.get("group_by_photo") and decoder != "attention":
             raise UserError("--group-by-photo applies to the attention decoder only: the pooled one reads a vector")
         captions = sum(len(r.captions) for r in read_manifest(workdir) if r.split == "train")
         defaults = decoder_defaults(decoder, captions)
-        return TrainConfig(workdir=str(workdir), store=str(store_path), **{**defaults, **given}), None
+        return DecoderConfig(workdir=str(workdir), store=str(store_path), **{**defaults, **given}), None
 
-    def build(self, ctx: Dist, run: RunDir, cfg: TrainConfig, state: dict | None, stack: ExitStack) -> Built:
+    def build(self, ctx: Dist, run: RunDir, cfg: DecoderConfig, state: dict | None, stack: ExitStack) -> Built:
         store, records, usable = open_training_store(stack, cfg.workdir, cfg.store, state["store"] if state else None)
         if state is not None:
             vocab, model_cfg = Vocabulary(state["vocab"]), CaptionerConfig(**state["config"]["model"])
@@ -145,7 +105,7 @@ class DecoderPhase:
         elif ctx.is_main:  # what re-ranking needs, kept with the run so that new photos need no dataset
             Neighbours.from_store(store, records).save(run.neighbours)
         identity = store_identity(store)
-        config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
+        config = {"model": model_cfg.to_dict(), "decoder": asdict(cfg)}
         fit = Fit(
             phase=self.name,
             run_dir=run.path,

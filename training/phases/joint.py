@@ -17,7 +17,7 @@ feature away from what the pretrained layers after them expect.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from decoder.config import CaptionerConfig
 from decoder.factory import build_captioner, reads_maps
-from decoder.model import CaptionerConfig
 from featurize.crops import CropPolicy, to_float
 from featurize.encoder import checkpoint_encoder, regions
 from featurize.pipeline import bf16_is_fast
-from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
 from store.errors import UserError
 from store.features import FeatureStore, check_store_matches, store_identity
@@ -42,24 +41,8 @@ from store.seeds import derive_seed
 from store.text import Vocabulary
 from training import data as D
 from training.loop import Fit, Outcome, Position
-from training.skeleton import Built, train_phase
-
-
-@dataclass(frozen=True)
-class JointConfig:
-    workdir: str
-    store: str
-    init: str
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 3e-4
-    cnn_lr: float = 1e-5
-    unfreeze: str = "Conv2d_1a_3x3"
-    grad_clip: float = 5.0
-    seed: int = 0
-    precision: str = "auto"
-    checkpoint_minutes: float = 10.0
-    workers: int = 2
+from training.options import JointConfig
+from training.skeleton import Built, start_from_checkpoint, train_phase
 
 
 class JointNet(nn.Module):
@@ -220,30 +203,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class JointPhase:
     name = "joint"
-    options_key = "joint"
     options_type = JointConfig
-    changeable_on_resume = frozenset({"epochs", "checkpoint_minutes", "workers", "precision"})
     follows_a_run = True
 
-    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict, weights: str | None):
-        init = Path(options.get("init") or run.best)
-        state = load_checkpoint(init)
-        if state["phase"] == "joint" and run.last.exists() and init.parent == run.checkpoints:
-            raise UserError(f"{run} is already in the joint phase: add --resume")
-        saved_train = state["config"]["train"]
-        joint_opts = {k: v for k, v in options.items() if k in JointConfig.__dataclass_fields__ and v is not None}
-        cfg = JointConfig(
-            **{
-                "workdir": str(workdir or saved_train["workdir"]),
-                "store": saved_train["store"],
-                "seed": saved_train["seed"],
-                "batch_size": saved_train["batch_size"],
-                "lr": saved_train["lr"],
-                **joint_opts,
-                "init": str(init),
-            }
-        )
-        return cfg, state
+    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict):
+        return start_from_checkpoint(self, run, workdir, options)
 
     def build(self, ctx: Dist, run: RunDir, cfg: JointConfig, state: dict, stack: ExitStack) -> Built:
         device = pick_device(ctx)
@@ -274,10 +238,10 @@ class JointPhase:
                 {"params": captioner.parameters(), "lr": cfg.lr},
             ]
         )
-        config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "joint": asdict(cfg)}
+        config = {"model": model_cfg.to_dict(), "decoder": state["config"]["decoder"], "joint": asdict(cfg)}
         # a fresh joint phase continues the run's step count and must beat the decoder phase's best
         # (a decoder best picked by CIDEr is on another scale: then the first joint epoch sets the bar)
-        by_loss = state["config"]["train"].get("select_by", "loss") == "loss"
+        by_loss = state["config"]["decoder"].get("select_by", "loss") == "loss"
         start = Position(step=state["step"], best=state.get("best_score", float("inf")) if by_loss else float("inf"))
         policy = CropPolicy.from_attrs(identity)
         fit = Fit(

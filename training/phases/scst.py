@@ -21,7 +21,7 @@ generator, which every checkpoint saves: a resumed session samples what the unin
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from decoder.cider import CiderD, References
+from decoder.config import CaptionerConfig
 from decoder.factory import build_captioner, check_store_serves, reads_maps
-from decoder.model import CaptionerConfig
 from decoder.search import allowed
-from store.checkpoints import load_checkpoint
 from store.distributed import Dist, shard
 from store.errors import UserError
 from store.features import store_identity
@@ -42,22 +41,8 @@ from store.text import Vocabulary
 from training import data as D
 from training.cached_features import open_training_store, val_cider_score
 from training.loop import Fit, Outcome, Position
-from training.skeleton import Built, train_phase
-
-
-@dataclass(frozen=True)
-class ScstConfig:
-    workdir: str
-    store: str
-    init: str
-    epochs: int = 10
-    batch_size: int = 16  # photos per batch; each brings `samples` captions
-    samples: int = 5
-    lr: float = 5e-5  # chosen on fold 0's validation split: 2e-5 plateaued (docs/quality.md)
-    grad_clip: float = 5.0
-    max_len: int = 16
-    seed: int = 0
-    stream: bool = False
+from training.options import ScstConfig
+from training.skeleton import Built, start_from_checkpoint, train_phase
 
 
 class SampleNet(nn.Module):
@@ -137,32 +122,16 @@ class ScstData:
 
 class ScstPhase:
     name = "scst"
-    options_key = "scst"
     options_type = ScstConfig
-    changeable_on_resume = frozenset({"epochs", "stream"})
     follows_a_run = True
 
-    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict, weights: str | None):
-        init = Path(options.get("init") or run.best)
-        state = load_checkpoint(init)
-        if state["phase"] == "scst" and run.last.exists() and init.parent == run.checkpoints:
-            raise UserError(f"{run} is already in the scst phase: add --resume")
+    def fresh_options(self, run: RunDir, workdir: Path | None, options: dict):
+        cfg, state = start_from_checkpoint(self, run, workdir, options)
         if "encoder" in state:
             raise UserError(
-                f"{init} is a joint-phase checkpoint with a fine-tuned CNN; self-critical training runs on "
+                f"{cfg.init} is a joint-phase checkpoint with a fine-tuned CNN; self-critical training runs on "
                 "the cached features of the original CNN: start it from a decoder-phase checkpoint (--init)"
             )
-        saved_train = state["config"]["train"]
-        given = {k: v for k, v in options.items() if k in ScstConfig.__dataclass_fields__ and v is not None}
-        cfg = ScstConfig(
-            **{
-                "workdir": str(workdir or saved_train["workdir"]),
-                "store": saved_train["store"],
-                "seed": saved_train["seed"],
-                **given,
-                "init": str(init),
-            }
-        )
         if cfg.samples < 2:
             raise UserError("--samples must be at least 2: each sample's baseline is the others' mean reward")
         return cfg, state
@@ -185,7 +154,7 @@ class ScstPhase:
         net = SampleNet(model, vocab.start_id, vocab.end_id)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         identity = store_identity(store)
-        config = {"model": model_cfg.to_dict(), "train": state["config"]["train"], "scst": asdict(cfg)}
+        config = {"model": model_cfg.to_dict(), "decoder": state["config"]["decoder"], "scst": asdict(cfg)}
         select = val_cider_score(model, vocab, store, records, usable)
         start = Position(step=state["step"], best=select(0.0) if state["phase"] != "scst" else float("inf"))
         fit = Fit(

@@ -1,0 +1,47 @@
+"""`CaptionerConfig`: everything needed to rebuild a captioner, saved in every checkpoint.
+
+It lives apart from the models and imports no torch, because it is also the model half of the
+decoder phase's options: a field whose metadata has a "help" is a `train` option, with that help
+and the field's default (training/options.py says what else the metadata may hold), and the
+command line reads it at start-up. Adding a model option is adding a field here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
+
+Decoder = Literal["pooled", "attention"]
+DECODERS: tuple[str, ...] = get_args(Decoder)
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    vocab_size: int
+    feature_dim: int = 2048
+    embed_size: int = field(default=256, metadata={"help": "Word and image embedding size."})
+    hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size."})
+    num_layers: int = field(default=1, metadata={"help": "LSTM layers."})
+    dropout: float = field(default=0.2, metadata={"help": "Dropout on projections and embeddings."})
+    # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
+    image_as: Literal["input", "state"] = field(
+        default="input", metadata={"help": "Pooled decoder: the image as the LSTM's first input or its initial state."}
+    )
+    # "pooled": decoder/model.py's captioner; "attention": decoder/attention.py's. The default of a
+    # new run depends on its store (training/phases/decoder.py default_decoder); "pooled" is what
+    # checkpoints from before the field existed hold.
+    decoder: Decoder = field(
+        default="pooled",
+        metadata={
+            "help": "pooled: Show and Tell on one vector per photo; attention: Show, Attend and Tell over the "
+            "feature map's regions (needs featurize --maps).",
+            "default_text": "attention when the store has maps, else pooled",
+        },
+    )
+    attention_size: int = field(default=256, metadata={"help": "Attention decoder: size of the query/key space."})
+    attention_penalty: float = field(
+        default=1.0, metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty."}
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
