@@ -19,7 +19,7 @@ from store.features import FeatureStore, find_store
 from store.manifest import read_manifest
 from store.rundir import RunDir
 from store.text import Vocabulary
-from tests.helpers import ROOT, TINY, run_cli
+from tests.helpers import ROOT, TINY, one_line_error, run_cli
 from training import data as D
 from training.options import DecoderConfig
 from training.phases.decoder import FeatureData, train_decoder
@@ -199,11 +199,12 @@ def test_threads_option_and_its_environment_variable_set_torch_threads(featurize
 
 
 def test_user_errors_are_one_line(tmp_path):
-    runner = CliRunner()
-    result = runner.invoke(main, ["train", str(tmp_path / "nowhere"), "--run", str(tmp_path / "r")])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    result = runner.invoke(main, ["train", "--run", str(tmp_path / "r"), "--resume"])
-    assert result.exit_code == 1 and "nothing to resume" in result.output
+    nowhere, run = tmp_path / "nowhere", tmp_path / "r"
+    line = one_line_error(CliRunner().invoke(main, ["train", str(nowhere), "--run", str(run)]))
+    assert line == f"Error: no feature store in {nowhere}/features: run `python cli.py featurize {nowhere}`"
+    line = one_line_error(CliRunner().invoke(main, ["train", "--run", str(run), "--resume"]))
+    assert line == f"Error: nothing to resume in {run}: it has no checkpoints/last.pt"
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("command", ["prepare", "synth", "featurize", "train", "plot", "evaluate", "caption"])
