@@ -168,7 +168,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag(self.name)
 
     def help(self) -> str:
         """The help of each phase that takes it, then each phase's default; each said once where phases agree."""
@@ -186,6 +186,11 @@ class Option:
             defaults.setdefault(describe_default(f), []).append(phase)
         said = "; ".join(f"{', '.join(phases)}: {default}" for default, phases in defaults.items())
         return f"{text} [{said}]"
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
 
 
 def describe_default(f: Field) -> str:

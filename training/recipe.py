@@ -35,7 +35,7 @@ from store.errors import UserError
 from store.files import atomic_write_bytes
 from store.rundir import RunDir
 from training.loop import Outcome, Position
-from training.options import DecoderConfig, check_phase_takes, takes
+from training.options import DecoderConfig, check_phase_takes, flag, takes
 from training.skeleton import resolve_run
 
 # The default recipe, chosen on the cross-validated measurement (docs/quality.md).
@@ -125,10 +125,9 @@ def train_run(
                 f"{existing} follows {existing.recipe.name}, which has no {phase} step: resume it without --phase"
             )
         if options:
-            given = ", ".join("--" + k.replace("_", "-") for k in options)
             raise UserError(
                 f"{existing} follows {existing.recipe.name}, whose steps keep the options they were given: "
-                f"resume it without {given}"
+                f"resume it without {', '.join(map(flag, options))}"
             )
         return _execute(plan, existing, workdir, max_minutes, console)
     if phase is not None and plan is not None:  # one more phase for every member

@@ -32,7 +32,7 @@ from store.rundir import RunDir
 from store.seeds import derive_seed
 from training.loop import Fit, Outcome, Position, resume_from
 from training.loop import run as run_loop
-from training.options import changeable_on_resume, inherited
+from training.options import changeable_on_resume, flag, inherited
 from training.stopping import StopRequest
 
 
@@ -155,6 +155,5 @@ def check_options_unchanged(saved: dict, options: dict, changeable: frozenset[st
             continue
         if saved[key] != value:
             raise UserError(
-                f"cannot change --{key.replace('_', '-')} on resume: "
-                f"the run was trained with {saved[key]!r}, got {value!r}"
+                f"cannot change {flag(key)} on resume: the run was trained with {saved[key]!r}, got {value!r}"
             )
