@@ -319,10 +319,10 @@ def test_grouped_batches_keep_a_photos_captions_together_and_compute_the_same_lo
         assert maps_read <= 2 * len(set(train.rows.tolist())) + in_ram.num_batches < len(train)
 
 
-def test_the_attention_decoder_groups_batches_of_64_by_photo_from_20000_training_captions():
+def test_the_attention_decoder_groups_batches_of_64_by_photo_and_trains_16_epochs_from_20000_training_captions():
     from training.options import LARGE_DATA_CAPTIONS, decoder_defaults
 
     small, large = decoder_defaults("attention", LARGE_DATA_CAPTIONS - 1), decoder_defaults("attention", 29_981)
     assert small == {"epochs": 12, "select_by": "cider"}  # DecoderConfig's batches of 32 at lr 3e-4, ungrouped
-    assert large == {**small, "group_by_photo": True, "batch_size": 64, "lr": 4e-4}
+    assert large == {**small, "epochs": 16, "group_by_photo": True, "batch_size": 64, "lr": 4e-4}
     assert decoder_defaults("pooled", 10**6) == {}
