@@ -130,12 +130,7 @@ def neighbours_for(loaded: LoadedCaptioner) -> Neighbours:
         if run.neighbours.is_file():
             loaded.neighbours = Neighbours.load(run.neighbours)
         else:
-            decoder = loaded.state["config"]["decoder"]
-            store_file, workdir = Path(decoder["store"]), Path(decoder["workdir"])
-            if not store_file.is_file():
-                raise UserError(
-                    f"re-ranking needs the training photos: {run.neighbours} is missing and so is {store_file}"
-                )
+            store_file, workdir = _training_photos(loaded, "re-ranking", run.neighbours)
             with FeatureStore.open(store_file) as store:
                 check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
                 loaded.neighbours = Neighbours.from_store(store, read_manifest(workdir))
@@ -161,12 +156,7 @@ def average_photo_for(loaded: LoadedCaptioner) -> torch.Tensor:
         if run.average_photo.is_file():
             loaded.average_photo = torch.from_numpy(np.load(run.average_photo))
         else:
-            decoder = loaded.state["config"]["decoder"]
-            store_file, workdir = Path(decoder["store"]), Path(decoder["workdir"])
-            if not store_file.is_file():
-                raise UserError(
-                    f"--prior-penalty needs the training photos: {run.average_photo} is missing and so is {store_file}"
-                )
+            store_file, workdir = _training_photos(loaded, "--prior-penalty", run.average_photo)
             records = read_manifest(workdir)
             with FeatureStore.open(store_file) as store:
                 check_store_matches(store, loaded.state["store"], f"checkpoint {loaded.path}")
@@ -186,6 +176,15 @@ def average_photo_for(loaded: LoadedCaptioner) -> torch.Tensor:
                 except OSError:
                     pass
     return loaded.average_photo
+
+
+def _training_photos(loaded: LoadedCaptioner, what: str, kept: Path) -> tuple[Path, Path]:
+    """(feature store, WORKDIR) the checkpoint was trained on, for `what` to rebuild `kept` from."""
+    decoder = loaded.state["config"]["decoder"]
+    store_file, workdir = Path(decoder["store"]), Path(decoder["workdir"])
+    if not store_file.is_file():
+        raise UserError(f"{what} needs the training photos: {kept} is missing and so is {store_file}")
+    return store_file, workdir
 
 
 def _run_of(loaded: LoadedCaptioner) -> tuple[RunDir, bool]:
