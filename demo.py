@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from store.features import existing_attrs, store_path
-from store.rundir import RunDir
+from store.rundir import DEMO_RUN, RunDir
 
 console = Console()
 
@@ -45,7 +45,7 @@ def step(name: str, args: list[str], timings: list[tuple[str, float]]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=Path("data/demo"), help="where the dataset, store and run go")
+    p.add_argument("--root", type=Path, default=DEMO_RUN.parent, help="where the dataset, store and run go")
     p.add_argument("--n", type=int, default=500, help="synthetic images")
     p.add_argument("--weights", default="google2015")
     p.add_argument("--crops", type=int, default=1)
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--show", type=int, default=8, help="held-out images to caption in the table")
     a = p.parse_args()
 
-    synth, work, run, heatmaps = a.root / "synth", a.root / "work", a.root / "run", a.root / "heatmaps"
+    synth, work, run, heatmaps = a.root / "synth", a.root / "work", a.root / DEMO_RUN.name, a.root / "heatmaps"
     for old in (run, heatmaps):
         shutil.rmtree(old, ignore_errors=True)  # a fresh run every time; the dataset and the feature store are reused
     store = existing_attrs(store_path(work, a.weights)) or {}

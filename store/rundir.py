@@ -25,6 +25,7 @@ from store.errors import UserError
 from store.files import atomic_write_bytes
 
 RUNS_ROOT = Path("runs")
+DEMO_RUN = Path("data/demo/run")  # where `make demo` trains (demo.py: ROOT/run); named when runs/ is empty
 
 
 @dataclass(frozen=True)
@@ -149,5 +150,6 @@ class RunDir:
         """The most recently written run under `root` that has checkpoints."""
         runs = [cls(p) for p in Path(root).glob("*") if cls(p).checkpoints.is_dir() or cls(p).recipe.is_file()]
         if not runs:
-            raise UserError(f"no runs with checkpoints under {root}/: train one first (python cli.py train)")
+            demo = f"give --run {DEMO_RUN} (make demo's run), or " if cls(DEMO_RUN).has_checkpoint() else ""
+            raise UserError(f"no runs with checkpoints under {root}/: {demo}train one first (python cli.py train)")
         return max(runs, key=lambda r: (r.checkpoints if r.checkpoints.is_dir() else r.recipe).stat().st_mtime)

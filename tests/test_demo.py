@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 from cli import main
-from store.rundir import RunDir
+from store.errors import UserError
+from store.rundir import DEMO_RUN, RunDir
 from tests.helpers import ROOT
 
 STEPS = [
@@ -108,3 +110,19 @@ def test_demo_runs_end_to_end(tmp_path):
         name, *args = shlex.split(command)[2:]
         with click.Context(main) as ctx:
             main.get_command(ctx, name).make_context(name, args, parent=ctx)
+
+
+def test_with_no_run_under_runs_the_error_names_the_demos_run_when_there_is_one(tmp_path, monkeypatch):
+    """After `make demo`, `caption photos/` without --run says where the demo's run is."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as no_run:
+        RunDir.latest()
+    assert str(no_run.value) == "no runs with checkpoints under runs/: train one first (python cli.py train)"
+    RunDir(DEMO_RUN).checkpoints.mkdir(parents=True)
+    RunDir(DEMO_RUN).last.touch()
+    with pytest.raises(UserError) as no_run:
+        RunDir.latest()
+    assert str(no_run.value) == (
+        "no runs with checkpoints under runs/: give --run data/demo/run (make demo's run), or train one first "
+        "(python cli.py train)"
+    )
