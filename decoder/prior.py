@@ -27,9 +27,9 @@ class PriorCorrected(nn.Module):
         self.size = 0  # how many state tensors the photo's own state has, set by init_state
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The photos' states, then the average photo's, one copy per photo (batch in dim 1)."""
+        """The photos' states, then the average photo's: computed once, a view per photo (batch in dim 1)."""
         own = self.model.init_state(features)
-        prior = self.model.init_state(self.average.expand(features.size(0), *self.average.shape))
+        prior = tuple(s.expand(-1, features.size(0), *s.shape[2:]) for s in self.model.init_state(self.average[None]))
         self.size = len(own)
         return (*own, *prior)
 
