@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from decoder.inference import generate, load_run  # noqa: E402
 from evaluation.evaluate import split_features  # noqa: E402
-from evaluation.metrics import diversity  # noqa: E402
+from evaluation.metrics import bootstrap_se, diversity, per_photo_cider  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
 from store.text import normalize_caption  # noqa: E402
 
@@ -43,20 +43,13 @@ def parse_setting(spec: str) -> tuple[str, dict]:
 
 
 def per_photo_scores(refs: dict[str, list[str]], hyps: dict[str, str]) -> tuple[np.ndarray, float]:
+    """(CIDEr-D per photo, corpus BLEU-4) on légende's own tokenisation."""
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
 
+    cider = per_photo_cider(refs, hyps)
     gts = {k: [normalize_caption(c) for c in v] for k, v in refs.items()}
-    res = {k: [normalize_caption(hyps[k])] for k in refs}
-    _, cider = Cider().compute_score(gts, res)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return np.asarray(cider, dtype=np.float64), float(bleu[3])
-
-
-def bootstrap_se(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> float:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(resamples, len(values)))
-    return float(values[idx].mean(1).std())
+    bleu, _ = Bleu(4).compute_score(gts, {k: [normalize_caption(hyps[k])] for k in refs}, verbose=0)
+    return np.asarray([cider[k] for k in refs], dtype=np.float64), float(bleu[3])
 
 
 def decode(run: Path, checkpoint: Path | None, split: str, settings: list[str], out: Path) -> dict[str, list]:

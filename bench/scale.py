@@ -76,23 +76,21 @@ def epoch_seconds(run: Path) -> float:
     return sum(seconds) / len(seconds)
 
 
-def dev_quality(run: Path, resamples: int = 1000) -> dict:
+def dev_quality(run: Path) -> dict:
     """Diversity of the run's dev captions (eval/val_captions.csv) and a bootstrap standard error
     of CIDEr-D over photos (per-photo scores with the document frequencies held fixed)."""
-    import numpy as np
-    from pycocoevalcap.cider.cider import Cider
+    from evaluation.metrics import bootstrap_se, diversity, per_photo_cider
 
-    from evaluation.metrics import diversity
-    from store.text import normalize_caption
+    references, captions = read_eval_captions(run, "val")
+    per_photo = list(per_photo_cider(references, captions).values())
+    return {"cider_se": round(100 * bootstrap_se(per_photo), 1), **diversity(captions)}
 
-    with open(run / "eval" / "val_captions.csv", newline="") as f:
+
+def read_eval_captions(run: Path, split: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(references, captions) by image from `evaluate`'s RUN/eval/<split>_captions.csv."""
+    with open(run / "eval" / f"{split}_captions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    gts = {r["image"]: [normalize_caption(c) for c in r["references"].split(" | ")] for r in rows}
-    res = {r["image"]: [normalize_caption(r["caption"])] for r in rows}
-    _, per_photo = Cider().compute_score(gts, res)
-    rng = np.random.default_rng(0)
-    means = [np.mean(rng.choice(per_photo, len(per_photo))) for _ in range(resamples)]
-    return {"cider_se": round(100 * float(np.std(means)), 1), **diversity({k: v[0] for k, v in res.items()})}
+    return {r["image"]: r["references"].split(" | ") for r in rows}, {r["image"]: r["caption"] for r in rows}
 
 
 def train_captions(work: Path) -> int:

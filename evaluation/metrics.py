@@ -58,6 +58,27 @@ def score_captions(
     return scores, notes
 
 
+def per_photo_cider(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, float]:
+    """CIDEr-D of each photo's caption (x1, as pycocoevalcap gives it), with the document frequencies
+    of these references held fixed: the unit that bootstrap and paired comparisons resample."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {k: [normalize_caption(c) for c in v] for k, v in references.items()}
+    res = {k: [normalize_caption(hypotheses[k]) or "<unk>"] for k in references}
+    _, scores = Cider().compute_score(gts, res)
+    return {k: float(s) for k, s in zip(gts, scores, strict=True)}
+
+
+def bootstrap_se(values, resamples: int = 1000, seed: int = 0) -> float:
+    """Standard error of the mean of `values` (one per photo) by resampling photos; for a paired
+    comparison pass the per-photo differences."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    return float(values[idx].mean(1).std())
+
+
 def diversity(hypotheses: dict[str, str]) -> dict[str, float | str]:
     """What CIDEr-D does not show: distinct captions per 100 photos, the words the captions use,
     and the share (%) of captions holding the most frequent 3-gram (a repeated phrase such as
