@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
-Decoder = Literal["pooled", "attention"]
+Decoder = Literal["pooled", "attention", "transformer"]
 DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
@@ -20,27 +20,31 @@ class CaptionerConfig:
     vocab_size: int
     feature_dim: int = 2048
     embed_size: int = field(default=256, metadata={"help": "Word and image embedding size."})
-    hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size."})
-    num_layers: int = field(default=1, metadata={"help": "LSTM layers."})
+    hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size; the transformer's width."})
+    num_layers: int = field(default=1, metadata={"help": "LSTM layers; transformer decoder layers."})
     dropout: float = field(default=0.2, metadata={"help": "Dropout on projections and embeddings."})
     # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
     image_as: Literal["input", "state"] = field(
         default="input", metadata={"help": "Pooled decoder: the image as the LSTM's first input or its initial state."}
     )
-    # "pooled": decoder/model.py's captioner; "attention": decoder/attention.py's. The default of a
-    # new run depends on its store (training/phases/decoder.py default_decoder); "pooled" is what
-    # checkpoints from before the field existed hold.
+    # "pooled": decoder/model.py's captioner; "attention": decoder/attention.py's; "transformer":
+    # decoder/transformer.py's. The default of a new run depends on its store (training/phases/decoder.py
+    # default_decoder); "pooled" is what checkpoints from before the field existed hold.
     decoder: Decoder = field(
         default="pooled",
         metadata={
             "help": "pooled: Show and Tell on one vector per photo; attention: Show, Attend and Tell over the "
-            "feature map's regions (needs featurize --maps).",
+            "feature map's regions (needs featurize --maps); transformer: a small causal transformer whose words "
+            "attend to each other and to the regions (needs maps too).",
             "default_text": "attention when the store has maps, else pooled",
         },
     )
     attention_size: int = field(default=256, metadata={"help": "Attention decoder: size of the query/key space."})
     attention_penalty: float = field(
         default=1.0, metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty."}
+    )
+    heads: int = field(
+        default=8, metadata={"help": "Transformer decoder: attention heads per layer (a divisor of --hidden-size)."}
     )
 
     def to_dict(self) -> dict:

@@ -214,23 +214,32 @@ def test_beam_candidates_are_distinct_and_best_first():
 # --- <unk> is never said -----------------------------------------------------------------------
 
 
-def unk_lover(seed: int, bias: float = 30.0) -> PooledCaptioner:
+def unk_lover(seed: int, bias: float = 30.0, decoder: str = "pooled") -> torch.nn.Module:
     """A tiny decoder whose head pushes every step's probability onto <unk>."""
-    model = tiny_model(vocab_size=10, seed=seed)
+    if decoder == "pooled":
+        model = tiny_model(vocab_size=10, seed=seed)
+    else:
+        from decoder.transformer import TransformerCaptioner
+
+        torch.manual_seed(seed)
+        config = CaptionerConfig(vocab_size=10, feature_dim=16, hidden_size=8, heads=2, decoder="transformer")
+        model = TransformerCaptioner(config).eval()
     with torch.no_grad():
         model.head.bias[UNK] = bias
     return model
 
 
-def test_no_search_ever_says_unk_even_from_a_decoder_that_prefers_it():
+@pytest.mark.parametrize("decoder", ["pooled", "transformer"])
+def test_no_search_ever_says_unk_even_from_a_decoder_that_prefers_it(decoder):
     from decoder.ensemble import Ensemble
     from decoder.search import beam_candidates
     from training.phases.scst import SampleNet
 
-    model, features = unk_lover(seed=0), torch.randn(6, 16)
+    model = unk_lover(seed=0, decoder=decoder)
+    features = torch.randn(6, 16) if decoder == "pooled" else torch.randn(6, 4, 16)  # the transformer reads regions
     first, _ = model.step(torch.full((6,), START), model.init_state(features))
     assert (first.argmax(-1) == UNK).all() and first[:, UNK].exp().min() > 0.99  # it does prefer <unk>
-    ensemble = Ensemble([model, unk_lover(seed=1)])
+    ensemble = Ensemble([model, unk_lover(seed=1, decoder=decoder)])
     captions = {
         "greedy": greedy(model, features, START, END, max_len=8),
         "beam": beam_search(model, features, START, END, beam=3, max_len=8),

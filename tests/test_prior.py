@@ -32,7 +32,7 @@ def photos(decoder: str, n: int) -> torch.Tensor:
     return torch.randn(n, 16) * 2 if decoder == "pooled" else torch.randn(n, 5, 16) * 2
 
 
-@pytest.mark.parametrize("decoder", ["pooled", "attention"])
+@pytest.mark.parametrize("decoder", ["pooled", "attention", "transformer"])
 def test_each_word_loses_its_log_probability_for_the_average_photo(decoder):
     model, features = tiny(decoder), photos(decoder, 4)
     average = features.mean(0)
@@ -50,7 +50,7 @@ def test_each_word_loses_its_log_probability_for_the_average_photo(decoder):
     assert not torch.allclose(got, own, atol=1e-3)
 
 
-@pytest.mark.parametrize("decoder", ["pooled", "attention"])
+@pytest.mark.parametrize("decoder", ["pooled", "attention", "transformer"])
 def test_a_photos_caption_does_not_depend_on_the_photos_decoded_with_it(decoder):
     ensemble = Ensemble([tiny(decoder, seed=1), tiny(decoder, seed=2)])
     features = photos(decoder, 9) * 5

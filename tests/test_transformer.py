@@ -1,0 +1,78 @@
+"""The transformer decoder (decoder/transformer.py): cached stepping equals teacher forcing, tied
+weights, search over its state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoder.attention import Regions
+from decoder.config import CaptionerConfig
+from decoder.factory import build_captioner, reads_maps
+from decoder.search import beam_search, greedy
+from decoder.transformer import TransformerCaptioner
+from store.errors import UserError
+
+START, END = 1, 2
+
+
+def tiny(seed: int = 0, layers: int = 2, vocab_size: int = 20, **kw) -> TransformerCaptioner:
+    torch.manual_seed(seed)
+    config = CaptionerConfig(
+        vocab_size=vocab_size, feature_dim=32, hidden_size=16, heads=4, num_layers=layers, decoder="transformer", **kw
+    )
+    return TransformerCaptioner(config).eval()
+
+
+def test_cached_steps_give_the_teacher_forced_next_word_probabilities():
+    """Decoding one word at a time from the key/value cache gives what the full causal forward
+    gives at every real position, for captions of different lengths in one batch."""
+    model = tiny(layers=3)
+    captions = torch.tensor([[1, 5, 2, 0, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 6, 2, 0, 0], [1, 3, 11, 12, 2, 0]])
+    regions = torch.randn(4, 6, 32)
+    with torch.no_grad():
+        logits = model(regions, captions)  # (4, 5, V)
+        state = model.init_state(regions)
+        for t in range(captions.size(1) - 1):
+            logprobs, state = model.step(captions[:, t], state)
+            assert state[0].shape == (4, 4, t + 1, 4)  # (heads, B, words so far, head size): the cache grows
+            real = captions[:, t + 1] != 0
+            expected = torch.log_softmax(logits[real, t], -1)
+            torch.testing.assert_close(logprobs[real], expected, rtol=1e-5, atol=1e-5)
+        assert (logits[captions[:, 1:] == 0] == 0).all()  # positions past <end> are not computed
+
+
+def test_grouped_regions_give_what_one_map_per_caption_gives():
+    model = tiny()
+    maps, photo = torch.randn(2, 5, 32), torch.tensor([1, 0, 1])
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(Regions(maps, photo), captions), model(maps[photo], captions))
+
+
+def test_the_output_layer_is_the_word_embedding_and_a_checkpoint_loads_with_weights_only(tmp_path):
+    model = tiny()
+    assert model.head.weight is model.embed.weight
+    assert sum(p is model.embed.weight for p in model.parameters()) == 1  # one parameter, trained once
+    torch.save({"model": model.state_dict()}, tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
+    again = build_captioner(model.config).eval()
+    again.load_state_dict(state)
+    regions = torch.randn(3, 5, 32)
+    assert greedy(again, regions, START, END) == greedy(model, regions, START, END)
+    assert reads_maps(model.config) and reads_maps(model.config.to_dict())
+
+
+def test_heads_must_divide_the_width():
+    with pytest.raises(UserError, match=r"width \(--hidden-size 16\) must be a multiple of --heads 3"):
+        TransformerCaptioner(CaptionerConfig(vocab_size=9, hidden_size=16, heads=3, decoder="transformer"))
+
+
+def test_batched_beam_search_equals_one_photo_at_a_time():
+    """Beams of every photo advance together, their caches selected by beam: the same captions."""
+    model = tiny(seed=3, vocab_size=15)
+    photos = torch.randn(5, 6, 32) * 3
+    batched = beam_search(model, photos, START, END, beam=3, max_len=8)
+    alone = [beam_search(model, photos[i : i + 1], START, END, beam=3, max_len=8)[0] for i in range(5)]
+    assert batched == alone
+    assert beam_search(model, photos, START, END, beam=1, max_len=8) == greedy(model, photos, START, END, 8)
