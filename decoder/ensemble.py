@@ -5,9 +5,10 @@ At every step of greedy or beam search the members' next-word probabilities are 
 others like it). The ensemble exposes the captioner's `init_state` / `step` interface, its state
 being every member's state tensors in turn, so search is written once for one decoder or many.
 
-Members must share a vocabulary, a feature store (the same CNN, crops and images) and a decoder
-kind (pooled or attention: they read different inputs): their probabilities are over the same
-words, for the same features. Anything else is refused.
+Members must share a vocabulary, a feature store (the same CNN, crops and images) and an input:
+pooled vectors, or feature maps (the attention decoder and the transformer read the same maps, so
+they mix). Their probabilities are then over the same words, for the same features. Anything else
+is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from decoder.factory import reads_maps
+from decoder.factory import decoder_of, reads_maps
 from store.errors import UserError
 from store.features import FEATURE_IDENTITY
 
@@ -28,7 +29,7 @@ class Ensemble(nn.Module):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
-        self.config = members[0].config  # what the members read (check_members_agree makes it one kind)
+        self.config = members[0].config  # what the members read (check_members_agree makes it one input)
         self.log_members = math.log(len(members))
         self.sizes: list[int] = []  # how many state tensors each member has, set by init_state
 
@@ -66,10 +67,11 @@ def check_members_agree(states: list[dict], paths: list) -> None:
     for state, path in zip(states[1:], paths[1:], strict=True):
         if state["vocab"] != first["vocab"]:
             raise UserError(f"{path} has another vocabulary than {paths[0]}: ensemble members must share one")
-        decoder, first_decoder = (s["config"]["model"].get("decoder", "pooled") for s in (state, first))
-        if decoder != first_decoder:
+        if reads_maps(state["config"]["model"]) != reads_maps(first["config"]["model"]):
+            decoder, first_decoder = (decoder_of(s["config"]["model"]) for s in (state, first))
             raise UserError(
-                f"{path} is a {decoder} decoder and {paths[0]} a {first_decoder} one: ensemble members must be one kind"
+                f"{path} is a {decoder} decoder and {paths[0]} a {first_decoder} one: ensemble members must read "
+                "the same input (pooled vectors, or feature maps: attention and transformer)"
             )
         ours, theirs = _identity(state), _identity(first)
         shared = ours.keys() & theirs.keys()  # what both recorded: older checkpoints recorded less

@@ -1,5 +1,5 @@
 """The transformer decoder (decoder/transformer.py): cached stepping equals teacher forcing, tied
-weights, search over its state."""
+weights, search and ensembles over its state."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from decoder.attention import Regions
 from decoder.config import CaptionerConfig
+from decoder.ensemble import Ensemble, check_members_agree
 from decoder.factory import build_captioner, reads_maps
 from decoder.search import beam_search, greedy
 from decoder.transformer import TransformerCaptioner
@@ -76,3 +77,28 @@ def test_batched_beam_search_equals_one_photo_at_a_time():
     alone = [beam_search(model, photos[i : i + 1], START, END, beam=3, max_len=8)[0] for i in range(5)]
     assert batched == alone
     assert beam_search(model, photos, START, END, beam=1, max_len=8) == greedy(model, photos, START, END, 8)
+
+
+def test_an_ensemble_mixes_attention_and_transformer_members():
+    """Both read the maps: their probabilities average, and checkpoints of both kinds load as one
+    ensemble; a pooled member (another input) is refused."""
+    torch.manual_seed(1)
+    attention = build_captioner(
+        CaptionerConfig(vocab_size=20, feature_dim=32, embed_size=8, hidden_size=16, decoder="attention")
+    ).eval()
+    transformer = tiny(seed=2)
+    ensemble = Ensemble([attention, transformer])
+    regions, tokens = torch.randn(3, 6, 32), torch.full((3,), START)
+    with torch.no_grad():
+        mixed, _ = ensemble.step(tokens, ensemble.init_state(regions))
+        a, _ = attention.step(tokens, attention.init_state(regions))
+        b, _ = transformer.step(tokens, transformer.init_state(regions))
+    torch.testing.assert_close(mixed, torch.log(0.5 * a.exp() + 0.5 * b.exp()))
+    assert len(beam_search(ensemble, regions, START, END, beam=3, max_len=6)) == 3
+
+    def state(decoder: str) -> dict:
+        return {"vocab": ["<pad>", "x"], "config": {"model": {"decoder": decoder}}, "store": {"maps_crops": 1}}
+
+    check_members_agree([state("attention"), state("transformer")], ["a.pt", "t.pt"])
+    with pytest.raises(UserError, match="a pooled decoder and t.pt a transformer one: ensemble members must read"):
+        check_members_agree([state("transformer"), state("pooled")], ["t.pt", "p.pt"])
