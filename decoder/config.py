@@ -4,6 +4,9 @@ It lives apart from the models and imports no torch, because it is also the mode
 decoder phase's options: a field whose metadata has a "help" is a `train` option, with that help
 and the field's default (training/options.py says what else the metadata may hold), and the
 command line reads it at start-up. Adding a model option is adding a field here.
+
+`When` lives here too, not in training/options.py, so that a model option can have a default
+that depends on the decoder ("variants"): the decoder package sits below training.
 """
 
 from __future__ import annotations
@@ -16,16 +19,42 @@ DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
 @dataclass(frozen=True)
+class When:
+    """A condition under which a variant default replaces a field's plain one; the help names it by `label`."""
+
+    label: str
+    decoder: str
+    min_train_captions: int = 0
+
+    def holds(self, decoder: str, train_captions: int) -> bool:
+        return decoder == self.decoder and train_captions >= self.min_train_captions
+
+
+# The transformer's small-data settings (docs/transformer.md): two layers, strong dropout.
+TRANSFORMER = When("the transformer decoder", "transformer")
+
+
+@dataclass(frozen=True)
 class CaptionerConfig:
     vocab_size: int
     feature_dim: int = 2048
-    embed_size: int = field(default=256, metadata={"help": "Word and image embedding size."})
+    embed_size: int = field(
+        default=256, metadata={"help": "Word and image embedding size (the transformer's is its width)."}
+    )
     hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size; the transformer's width."})
-    num_layers: int = field(default=1, metadata={"help": "LSTM layers; transformer decoder layers."})
-    dropout: float = field(default=0.2, metadata={"help": "Dropout on projections and embeddings."})
+    num_layers: int = field(
+        default=1, metadata={"help": "LSTM layers; transformer decoder layers.", "variants": {TRANSFORMER: 2}}
+    )
+    dropout: float = field(
+        default=0.2,
+        metadata={"help": "Dropout on projections and embeddings (and attention).", "variants": {TRANSFORMER: 0.3}},
+    )
     # "input": the LSTM's first input (Show and Tell); "state": its initial (h, c)
     image_as: Literal["input", "state"] = field(
-        default="input", metadata={"help": "Pooled decoder: the image as the LSTM's first input or its initial state."}
+        default="input",
+        metadata={
+            "help": "Pooled decoder: the image as the LSTM's first input or its initial state.",
+        },
     )
     # "pooled": decoder/model.py's captioner; "attention": decoder/attention.py's; "transformer":
     # decoder/transformer.py's. The default of a new run depends on its store (training/phases/decoder.py
@@ -41,10 +70,14 @@ class CaptionerConfig:
     )
     attention_size: int = field(default=256, metadata={"help": "Attention decoder: size of the query/key space."})
     attention_penalty: float = field(
-        default=1.0, metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty."}
+        default=1.0,
+        metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty."},
     )
     heads: int = field(
-        default=8, metadata={"help": "Transformer decoder: attention heads per layer (a divisor of --hidden-size)."}
+        default=8,
+        metadata={
+            "help": "Transformer decoder: attention heads per layer (a divisor of --hidden-size).",
+        },
     )
 
     def to_dict(self) -> dict:

@@ -91,3 +91,19 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, pad_id: int = 0) 
     """Mean cross-entropy over real (non-padding) target words; logits (B, T-1, V)."""
     targets = captions[:, 1:]  # (B, T-1)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=pad_id)
+
+
+def smoothed_caption_loss(
+    logits: torch.Tensor, captions: torch.Tensor, label_smoothing: float, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed cross-entropy, plain cross-entropy), each a mean over the real target words.
+
+    The smoothed loss is what `cross_entropy(..., label_smoothing=eps)` computes, (1 - eps) x the
+    cross-entropy + eps x the mean over the vocabulary of -log p; both come from one log-softmax, over
+    the real positions only."""
+    targets = captions[:, 1:].reshape(-1)  # (B*(T-1),)
+    real = (targets != pad_id).nonzero().squeeze(1)
+    logprobs = torch.log_softmax(logits.reshape(-1, logits.size(-1)).index_select(0, real), -1)  # (P, V)
+    plain = -logprobs.gather(1, targets.index_select(0, real)[:, None]).mean()
+    spread = -logprobs.mean(-1).mean()
+    return (1 - label_smoothing) * plain + label_smoothing * spread, plain

@@ -1,5 +1,5 @@
 """The transformer decoder (decoder/transformer.py): cached stepping equals teacher forcing, tied
-weights, search and ensembles over its state."""
+weights, search and ensembles over its state, its training options."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from decoder.attention import Regions
 from decoder.config import CaptionerConfig
 from decoder.ensemble import Ensemble, check_members_agree
 from decoder.factory import build_captioner, reads_maps
+from decoder.model import caption_loss, smoothed_caption_loss
 from decoder.search import beam_search, greedy
 from decoder.transformer import TransformerCaptioner
 from store.errors import UserError
@@ -102,3 +103,36 @@ def test_an_ensemble_mixes_attention_and_transformer_members():
     check_members_agree([state("attention"), state("transformer")], ["a.pt", "t.pt"])
     with pytest.raises(UserError, match="a pooled decoder and t.pt a transformer one: ensemble members must read"):
         check_members_agree([state("transformer"), state("pooled")], ["t.pt", "p.pt"])
+
+
+def test_label_smoothing_is_torchs_and_the_logged_loss_stays_the_plain_cross_entropy():
+    logits = torch.randn(3, 5, 11)
+    captions = torch.tensor([[1, 4, 5, 6, 2, 0], [1, 7, 2, 0, 0, 0], [1, 8, 9, 10, 3, 2]])
+    smoothed, plain = smoothed_caption_loss(logits, captions, 0.1)
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), captions[:, 1:].reshape(-1), ignore_index=0, label_smoothing=0.1
+    )
+    torch.testing.assert_close(smoothed, expected)
+    torch.testing.assert_close(plain, caption_loss(logits, captions))
+    assert smoothed_caption_loss(logits, captions, 0.0)[0] == pytest.approx(plain.item())
+
+
+def test_the_learning_rate_warms_up_linearly_as_a_function_of_the_step():
+    from training.phases.decoder import warmed_up
+
+    assert [warmed_up(1e-3, 4, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_the_transformer_decoder_has_its_own_defaults():
+    from training.options import decoder_defaults
+
+    expected = {
+        "epochs": 20,
+        "select_by": "cider",
+        "label_smoothing": 0.1,
+        "warmup_steps": 400,
+        "num_layers": 2,
+        "dropout": 0.3,
+    }
+    assert decoder_defaults("transformer", 3_000) == decoder_defaults("transformer", 30_000) == expected
+    assert CaptionerConfig(vocab_size=9).heads == 8 and CaptionerConfig(vocab_size=9).hidden_size == 512

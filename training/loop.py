@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from decoder.model import caption_loss, split_output
+from decoder.model import caption_loss, smoothed_caption_loss, split_output
 from store.checkpoints import save_checkpoint
 from store.distributed import SINGLE, Dist, all_gather_object, max_scalar, sum_scalar
 from store.progress import PlainProgress
@@ -75,6 +75,7 @@ class Fit:
     objective: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, float, float]] | None = None
     logged_as: str = "loss"  # what the logged value is: the batch CSV's column, the epoch's train_<it>
     select_score: Callable[[float], float] | None = None  # validation score from val loss; lower is better
+    lr_at: Callable[[int], float] | None = None  # the learning rate of the step after that many global steps
     checkpoint_minutes: float | None = None  # also checkpoint mid-epoch on this timer
     dist: Dist = SINGLE  # this process's place under torchrun
     train_net: torch.nn.Module | None = None  # `net` wrapped in DistributedDataParallel, when distributed
@@ -109,6 +110,9 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
                 fit.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(fit.net.parameters(), fit.grad_clip)
+                if fit.lr_at is not None:  # a function of the step alone: resume restores nothing more
+                    for group in fit.optimizer.param_groups:
+                        group["lr"] = fit.lr_at(pos.step)
                 fit.optimizer.step()
                 pos.batch += 1
                 pos.step += 1
@@ -167,16 +171,21 @@ def run(fit: Fit, pos: Position, stop: StopRequest, console: Console) -> Outcome
     return Outcome("finished", pos, val_loss)
 
 
-def teacher_forcing(net: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float, float]:
-    """Mean cross-entropy of the batch's next words (plus the attention decoder's penalty), their
-    count, and the cross-entropy to log (comparable across decoders)."""
+def teacher_forcing(
+    net: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, float, float]:
+    """Mean cross-entropy of the batch's next words (label-smoothed if asked; plus the attention
+    decoder's penalty), their count, and the plain cross-entropy to log (comparable across decoders)."""
     inputs, captions = batch
     logits, penalty = split_output(net(inputs, captions))
-    loss = caption_loss(logits, captions)
+    if label_smoothing:
+        loss, plain = smoothed_caption_loss(logits, captions, label_smoothing)
+    else:
+        loss = plain = caption_loss(logits, captions)
     units = float((captions[:, 1:] != 0).sum())
     if isinstance(penalty, torch.Tensor):  # a mean over photos, not words: see _loss
-        return loss + penalty, units, loss.item(), (penalty, float(captions.size(0)))
-    return loss, units, loss.item()
+        return loss + penalty, units, plain.item(), (penalty, float(captions.size(0)))
+    return loss, units, plain.item()
 
 
 def _loss(objective, net: torch.nn.Module, batch, ctx: Dist) -> tuple[torch.Tensor, float]:

@@ -1,4 +1,4 @@
-"""Decoder phase: train the LSTM captioner on the cached crop features.
+"""Decoder phase: train the captioner (pooled, attention or transformer) on the cached crop features.
 
     python cli.py train data/work --epochs 40
     python cli.py train --resume            # continue the most recent run
@@ -10,6 +10,7 @@ the architecture, naming the option (training/skeleton.py).
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from store.rundir import RunDir
 from store.text import Vocabulary
 from training import data as D
 from training.cached_features import open_training_store, val_cider_score
-from training.loop import Fit, Outcome, Position
+from training.loop import Fit, Outcome, Position, teacher_forcing
 from training.options import DecoderConfig, decoder_defaults, given_fields
 from training.skeleton import Built, train_phase
 
@@ -73,13 +74,15 @@ class DecoderPhase:
         workdir = Path(workdir or "data/work")
         given = given_fields(DecoderConfig, options)
         store_path = find_store(workdir, given.get("weights"))
-        self.model_options = given_fields(CaptionerConfig, options)
-        decoder = self.model_options.setdefault("decoder", default_decoder(store_path))
-        if given.get("group_by_photo") and decoder != "attention":
-            raise UserError("--group-by-photo applies to the attention decoder only: the pooled one reads a vector")
+        model = given_fields(CaptionerConfig, options)
+        decoder = model.setdefault("decoder", default_decoder(store_path))
+        if given.get("group_by_photo") and decoder == "pooled":
+            raise UserError("--group-by-photo applies to decoders of maps only: the pooled one reads a vector")
         captions = sum(len(r.captions) for r in read_manifest(workdir) if r.split == "train")
         defaults = decoder_defaults(decoder, captions)
-        return DecoderConfig(workdir=str(workdir), store=str(store_path), **{**defaults, **given}), None
+        self.model_options = {**given_fields(CaptionerConfig, defaults), **model}
+        training = {**given_fields(DecoderConfig, defaults), **given}
+        return DecoderConfig(workdir=str(workdir), store=str(store_path), **training), None
 
     def build(self, ctx: Dist, run: RunDir, cfg: DecoderConfig, state: dict | None, stack: ExitStack) -> Built:
         store, records, usable = open_training_store(stack, cfg.workdir, cfg.store, state["store"] if state else None)
@@ -114,6 +117,10 @@ class DecoderPhase:
             data=FeatureData(store, train_pairs, val_pairs, cfg, ctx, maps),
             epochs=cfg.epochs,
             grad_clip=cfg.grad_clip,
+            objective=functools.partial(teacher_forcing, label_smoothing=cfg.label_smoothing)
+            if cfg.label_smoothing
+            else None,
+            lr_at=functools.partial(warmed_up, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else None,
             checkpoint_fields=lambda: {
                 "model": model.state_dict(),
                 "config": config,
@@ -129,6 +136,8 @@ class DecoderPhase:
             f"{model_cfg.decoder} decoder{f' over {store.regions} regions' if maps else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, batches of {cfg.batch_size} captions"
             f"{' grouped by photo' if maps and cfg.group_by_photo else ''}, lr {cfg.lr:g}"
+            f"{f' after {cfg.warmup_steps} warm-up steps' if cfg.warmup_steps else ''}"
+            f"{f', label smoothing {cfg.label_smoothing:g}' if cfg.label_smoothing else ''}"
         )
         if not maps and store.num_crops == 1:  # said first: the banner's line ends with the CPU threads
             banner = (
@@ -136,6 +145,12 @@ class DecoderPhase:
                 f"augmentation (featurize --crops 5 --overwrite gives it 5)\n{banner}"
             )
         return Built(fit, config, Position(), banner)
+
+
+def warmed_up(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of the optimizer step after `step` steps: rising linearly over the first
+    `warmup_steps`, then `lr`. A pure function of the global step, so a resumed run needs nothing new."""
+    return lr * min(1.0, (step + 1) / warmup_steps)
 
 
 def default_decoder(store_path: Path) -> str:
