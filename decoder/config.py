@@ -32,6 +32,7 @@ class When:
 
 # The transformer's small-data settings (docs/transformer.md): two layers, strong dropout.
 TRANSFORMER = When("the transformer decoder", "transformer")
+LSTM_DECODERS = ("pooled", "attention")  # what reads --embed-size: the transformer's embedding is its width
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class CaptionerConfig:
     vocab_size: int
     feature_dim: int = 2048
     embed_size: int = field(
-        default=256, metadata={"help": "Word and image embedding size (the transformer's is its width)."}
+        default=256,
+        metadata={"help": "Word and image embedding size (the transformer's is its width).", "decoders": LSTM_DECODERS},
     )
     hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size; the transformer's width."})
     num_layers: int = field(
@@ -54,6 +56,7 @@ class CaptionerConfig:
         default="input",
         metadata={
             "help": "Pooled decoder: the image as the LSTM's first input or its initial state.",
+            "decoders": ("pooled",),
         },
     )
     # "pooled": decoder/model.py's captioner; "attention": decoder/attention.py's; "transformer":
@@ -68,15 +71,18 @@ class CaptionerConfig:
             "default_text": "attention when the store has maps, else pooled",
         },
     )
-    attention_size: int = field(default=256, metadata={"help": "Attention decoder: size of the query/key space."})
+    attention_size: int = field(
+        default=256, metadata={"help": "Attention decoder: size of the query/key space.", "decoders": ("attention",)}
+    )
     attention_penalty: float = field(
         default=1.0,
-        metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty."},
+        metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty.", "decoders": ("attention",)},
     )
     heads: int = field(
         default=8,
         metadata={
             "help": "Transformer decoder: attention heads per layer (a divisor of --hidden-size).",
+            "decoders": ("transformer",),
         },
     )
 

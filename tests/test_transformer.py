@@ -1,11 +1,16 @@
 """The transformer decoder (decoder/transformer.py): cached stepping equals teacher forcing, tied
-weights, search and ensembles over its state, its training options."""
+weights, search and ensembles over its state, its training options and their refusals. The
+guarantees it shares with the attention decoder (resume, refusals of a store, every phase, heat
+maps) are the parameterised tests of test_attention.py, test_train.py, test_faults_training.py and
+test_distributed.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cli import main
 from decoder.attention import Regions
 from decoder.config import CaptionerConfig
 from decoder.ensemble import Ensemble, check_members_agree
@@ -14,6 +19,7 @@ from decoder.model import caption_loss, smoothed_caption_loss
 from decoder.search import beam_search, greedy
 from decoder.transformer import TransformerCaptioner
 from store.errors import UserError
+from tests.helpers import one_line_error
 
 START, END = 1, 2
 
@@ -136,3 +142,62 @@ def test_the_transformer_decoder_has_its_own_defaults():
     }
     assert decoder_defaults("transformer", 3_000) == decoder_defaults("transformer", 30_000) == expected
     assert CaptionerConfig(vocab_size=9).heads == 8 and CaptionerConfig(vocab_size=9).hidden_size == 512
+
+
+@pytest.mark.parametrize(
+    "decoder,args,refused",
+    [
+        ("pooled", ["--heads", "4"], "--heads is an option of the transformer decoder, not of the pooled decoder"),
+        (
+            "attention",
+            ["--heads", "4"],
+            "--heads is an option of the transformer decoder, not of the attention decoder",
+        ),
+        (
+            "transformer",
+            ["--embed-size", "8"],
+            "--embed-size is an option of the pooled and attention decoders, not of the transformer decoder",
+        ),
+        (
+            "transformer",
+            ["--attention-size", "8"],
+            "--attention-size is an option of the attention decoder, not of the transformer decoder",
+        ),
+        (
+            "pooled",
+            ["--group-by-photo"],
+            "--group-by-photo is an option of the attention and transformer decoders, not of the pooled decoder",
+        ),
+    ],
+)
+def test_an_option_the_decoder_does_not_read_is_refused_in_one_line(decoder, args, refused, tmp_path):
+    """Before anything is read or written (WORKDIR does not exist), and the same from Python."""
+    import legende
+
+    work, run = tmp_path / "nowhere", tmp_path / "run"
+    line = one_line_error(
+        CliRunner().invoke(main, ["train", str(work), "--run", str(run), "--decoder", decoder, *args])
+    )
+    assert line == f"Error: {refused}"
+    name = args[0][2:].replace("-", "_")
+    with pytest.raises(UserError) as error:
+        legende.train(work, run, decoder=decoder, **{name: int(args[1]) if len(args) > 1 else True})
+    assert str(error.value) == refused
+    assert not run.exists()
+
+
+def test_the_default_decoder_refuses_the_transformers_options_once_the_store_says_which_it_is(featurized, tmp_path):
+    line = one_line_error(
+        CliRunner().invoke(main, ["train", str(featurized), "--run", str(tmp_path / "r"), "--heads", "2"])
+    )
+    assert line == "Error: --heads is an option of the transformer decoder, not of the pooled decoder"
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_resumed_run_refuses_an_option_its_decoder_does_not_read(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    line = one_line_error(CliRunner().invoke(main, ["train", "--run", str(run), "--resume", "--heads", "2"]))
+    assert line == "Error: --heads is an option of the transformer decoder, not of the pooled decoder"

@@ -10,14 +10,16 @@ A field is an option when its metadata has a "help"; the phases fill in the othe
 
     "variants"      {When: value}: defaults that depend on the decoder and the amount of data
                     (decoder_defaults), measured by cross-validation (docs/quality.md)
+    "decoders"      the decoders that read it, where not all do: another decoder refuses it
+                    (check_decoder_reads)
     "inherit"       True: the default is the value of the decoder phase the phase starts from
     "default_text"  the default is decided at run time, as this text says
     "on_resume"     True: a resumed session may change it; any other option must keep the run's value
 
 The command line builds `train`'s options from these fields (cli.py), `legende.train` checks its
 keywords against them (check_types), and training.recipe.train_run refuses an option that the phase
-it runs does not take (check_phase_takes). Adding an option is adding a field. Nothing here imports
-torch, so the command line starts at once.
+it runs does not take (check_phase_takes), or that its decoder does not read (check_decoder_reads).
+Adding an option is adding a field. Nothing here imports torch, so the command line starts at once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import types
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from decoder.config import TRANSFORMER, CaptionerConfig, When
+from decoder.config import DECODERS, TRANSFORMER, CaptionerConfig, When
 from store.errors import UserError
 
 # The attention decoder peaks earlier than the pooled one, and its best epoch is found by validation
@@ -106,6 +108,7 @@ class DecoderConfig(Data):
             "help": "Attention and transformer decoders: batches keep each photo's captions together, so its map "
             "is read and projected once, not once per caption.",
             "variants": {LARGE_DATA: True},
+            "decoders": ("attention", "transformer"),
         },
     )
     # The transformer's: a small model on little data overfits its one-hot targets, and Adam's first
@@ -308,6 +311,17 @@ def decoder_defaults(decoder: str, train_captions: int) -> dict:
                 if when.holds(decoder, train_captions):
                     defaults[f.name] = value
     return defaults
+
+
+def check_decoder_reads(decoder: str, options: dict) -> None:
+    """One line naming the decoders that read an option that `decoder` does not read."""
+    for name in options:
+        option = all_options().get(name)
+        f = option.fields.get("decoder") if option is not None else None
+        readers = f.metadata.get("decoders", DECODERS) if f is not None else DECODERS
+        if decoder not in readers:
+            decoders = f"{' and '.join(readers)} decoder{'s' if len(readers) > 1 else ''}"
+            raise UserError(f"{option.flag} is an option of the {decoders}, not of the {decoder} decoder")
 
 
 def inherited(config: type, decoder_options: dict) -> dict:

@@ -16,7 +16,9 @@ the next member starts, so the first complete model exists as early as possible.
 Options belong to phases (training/options.py), and an option that the phase about to run does not
 take is refused before anything is written: with --phase, that phase's; for a new run without it,
 the recipe's first phase's (its other steps keep their own); with --resume, the phase where the run
-stopped. A run of several steps or members resumes with the options its steps were given, so
+stopped. So is a decoder phase's option that its decoder does not read (--heads is the
+transformer's): with --decoder, here; without, once the store has said which decoder is the
+default. A run of several steps or members resumes with the options its steps were given, so
 --resume takes no options there.
 """
 
@@ -35,7 +37,7 @@ from store.errors import UserError
 from store.files import atomic_write_bytes
 from store.rundir import RunDir
 from training.loop import Outcome, Position
-from training.options import DecoderConfig, check_phase_takes, flag, takes
+from training.options import DecoderConfig, check_decoder_reads, check_phase_takes, flag, takes
 from training.skeleton import resolve_run
 
 # The default recipe, chosen on the cross-validated measurement (docs/quality.md).
@@ -109,6 +111,8 @@ def train_run(
         raise UserError("--members must be at least 1")
     if not resume:
         check_phase_takes(phase or RECIPE[0][0], options)
+        if (phase or RECIPE[0][0]) == "decoder" and "decoder" in options:
+            check_decoder_reads(options["decoder"], options)
     follows = resume or phase in ("joint", "scst")  # these continue a run: by default the latest
     existing = RunDir(run_dir) if run_dir is not None else (RunDir.latest() if follows else None)
     plan = Plan.load(existing) if existing is not None and existing.recipe.is_file() else None
@@ -117,6 +121,8 @@ def train_run(
             resolve_run(existing.path, resume=True, default_latest=True)  # says so when there is nothing to resume
             state, _ = load_resumable(existing.checkpoints)
             check_phase_takes(phase or state["phase"], options)
+            if (phase or state["phase"]) == "decoder":
+                check_decoder_reads(state["config"]["model"].get("decoder", "pooled"), options)
             return phase_trainer(phase or state["phase"])(
                 workdir, existing.path, resume=True, max_minutes=max_minutes, options=options, console=console
             )

@@ -30,7 +30,7 @@ from store.text import Vocabulary
 from training import data as D
 from training.cached_features import open_training_store, val_cider_score
 from training.loop import Fit, Outcome, Position, teacher_forcing
-from training.options import DecoderConfig, decoder_defaults, given_fields
+from training.options import DecoderConfig, check_decoder_reads, decoder_defaults, given_fields
 from training.skeleton import Built, train_phase
 
 
@@ -76,8 +76,7 @@ class DecoderPhase:
         store_path = find_store(workdir, given.get("weights"))
         model = given_fields(CaptionerConfig, options)
         decoder = model.setdefault("decoder", default_decoder(store_path))
-        if given.get("group_by_photo") and decoder == "pooled":
-            raise UserError("--group-by-photo applies to decoders of maps only: the pooled one reads a vector")
+        check_decoder_reads(decoder, options)
         captions = sum(len(r.captions) for r in read_manifest(workdir) if r.split == "train")
         defaults = decoder_defaults(decoder, captions)
         self.model_options = {**given_fields(CaptionerConfig, defaults), **model}
