@@ -5,8 +5,9 @@
 Images are decoded and cropped in DataLoader workers and encoded in batches; a file that cannot
 be read is reported with its reason and the others are still captioned.
 
-With `attention`, each caption also carries the weights the attention decoder put on each region
-when it produced each word (`word_attention`); evaluation/heatmaps.py draws them.
+With `attention`, each caption also carries the weights the decoder put on each region when it
+produced each word (`word_attention`): the attention decoder's, or the transformer's last-layer
+cross-attention averaged over its heads; evaluation/heatmaps.py draws them.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def caption_images(
     prior_penalty: float = 0.0,
     attention: bool = False,
 ) -> list[CaptionResult]:
-    """Every photo's caption or error; with `attention` (attention decoder only), also the weights
-    behind each word."""
+    """Every photo's caption or error; with `attention` (a decoder of maps: attention, transformer),
+    also the weights behind each word."""
     if attention and not reads_maps(loaded.model.config):
         raise UserError(
-            f"{loaded.path} is a pooled decoder: attention maps need a run trained with --decoder attention"
+            f"{loaded.path} is a pooled decoder: attention maps need a run trained with --decoder attention "
+            "or --decoder transformer"
         )
     features, errors = encode_photos(loaded, paths, tta=tta, batch_size=batch_size, workers=workers)
     order = sorted(features)

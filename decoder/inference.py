@@ -95,8 +95,8 @@ def generate(
     candidates: int = 5,
     prior_penalty: float = 0.0,
 ) -> list[str]:
-    """One sentence per photo's features: (N, D) pooled, or (N, R, D) regions for the attention
-    decoder.
+    """One sentence per photo's features: (N, D) pooled, or (N, R, D) regions for a decoder of maps
+    (attention, transformer).
 
     With `rerank` k > 0, the beam's `candidates` best captions are re-scored by their CIDEr-D
     against the captions of the k training photos nearest to each photo (decoder/consensus.py).

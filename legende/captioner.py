@@ -4,7 +4,7 @@
     cap("photo.jpg")                         # -> "a dog runs through the grass"
     cap([pil_image, "b.png"], beam=5)        # PIL images, paths or a mix -> a list of captions
     cap.caption_folder("photos/")            # -> [CaptionResult(image, caption, error)], errors included
-    cap.caption_folder("photos/", attention="heat/")  # attention decoder: + weights per word, PNGs
+    cap.caption_folder("photos/", attention="heat/")  # attention or transformer: + weights per word, PNGs
     cap.caption_folder("photos/", report="p.html", attention="heat/")  # and the page shows them too
     cap.evaluate("test", report=True)        # scores; RUNDIR/eval/test.{json,html}, test_captions.csv
 
@@ -105,9 +105,9 @@ class Captioner:
     ) -> list[CaptionResult]:
         """Every image under `folder` (recursive, sorted), or `folder` itself when it is a file;
         unreadable files come back with their error. With `report`, also writes the HTML page there.
-        With `attention` (a run of the attention decoder), each result also holds the weights behind
-        each word, a heat-map PNG per photo is written under that folder, and the page (with
-        `report`) shows a small heat map under each word of each caption."""
+        With `attention` (a run of the attention or transformer decoder), each result also holds the
+        weights behind each word, a heat-map PNG per photo is written under that folder, and the page
+        (with `report`) shows a small heat map under each word of each caption."""
         target = Path(folder)
         paths = find_images(target)
         if not paths:
