@@ -63,6 +63,20 @@ def featurized(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mapped(tmp_path_factory) -> Path:
+    """A synthetic dataset featurized with the maps of every crop (2 crops of 139 px: 3x3 regions),
+    for the decoders of maps (attention, transformer): WORKDIR. Tests must not modify it."""
+    root = tmp_path_factory.mktemp("mapped")
+    run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
+    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
+    run_cli(
+        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150,
+        "--crop-size", 139, "--maps", "all",
+    )  # fmt: skip
+    return root / "work"
+
+
+@pytest.fixture(scope="session")
 def trained(featurized, tmp_path_factory) -> Path:
     """A tiny decoder trained for 2 epochs on `featurized`, through the CLI: RUNDIR. Tests may
     evaluate and caption with it (which writes RUNDIR/eval/), not train it further."""

@@ -2,10 +2,12 @@
 
 from bench.cli_runner import ROOT, run_cli
 
-__all__ = ["ROOT", "TINY", "one_line_error", "run_cli"]
+__all__ = ["ROOT", "TINY", "TINY_TRANSFORMER", "one_line_error", "run_cli"]
 
 # A decoder small enough that a test trains it in seconds.
 TINY = ["--embed-size", "16", "--hidden-size", "16", "--batch-size", "8"]
+# The same for the transformer, whose embedding is its width (it refuses --embed-size).
+TINY_TRANSFORMER = ["--decoder", "transformer", "--hidden-size", "16", "--heads", "2", "--batch-size", "8"]
 
 
 def one_line_error(result) -> str:

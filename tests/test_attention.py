@@ -1,7 +1,11 @@
-"""Feature maps in the store, the attention decoder in every phase, heat maps, the full view."""
+"""Feature maps in the store, the attention decoder in every phase, heat maps, the full view.
+
+The tests of what every decoder of maps guarantees (exact resume, refusals of a store without maps,
+heat maps, every phase) run for the transformer too (test_transformer.py has its own)."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -24,29 +28,29 @@ from featurize.encoder import build_inception, regions
 from featurize.pipeline import encode, encode_full_view, encode_with_maps, prepare_for_inference
 from store.features import FeatureStore, find_store
 from store.rundir import RunDir
-from tests.helpers import TINY, one_line_error, run_cli
+from tests.helpers import TINY, TINY_TRANSFORMER, one_line_error, run_cli
 from training.phases.decoder import train_decoder
 
 ATTENTION = [*TINY, "--decoder", "attention", "--attention-size", "8"]
-
-
-@pytest.fixture(scope="session")
-def mapped(tmp_path_factory):
-    """A synthetic dataset featurized with the maps of every crop (2 crops of 139 px: 3x3 regions)."""
-    root = tmp_path_factory.mktemp("mapped")
-    run_cli("synth", root / "synth", "--n", 40, "--seed", 1, "--size", 120)
-    run_cli("prepare", root / "synth", "--out", root / "work", "--min-word-count", 1)
-    run_cli(
-        "featurize", root / "work", "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150,
-        "--crop-size", 139, "--maps", "all",
-    )  # fmt: skip
-    return root / "work"
+MAPS_DECODERS = {"attention": ATTENTION, "transformer": TINY_TRANSFORMER}  # tiny options of each decoder of maps
+PYTHON_OPTIONS = {  # the same, as legende.train's keywords
+    "attention": {"embed_size": 16, "hidden_size": 16, "decoder": "attention"},
+    "transformer": {"hidden_size": 16, "heads": 2, "decoder": "transformer"},
+}
+A_WEIGHT = {"attention": "cell.weight_ih", "transformer": "layers.0.self_attn.in_proj_weight"}
 
 
 @pytest.fixture(scope="session")
 def attention_run(mapped, tmp_path_factory):
     run = tmp_path_factory.mktemp("attention") / "run"
     run_cli("train", mapped, "--run", run, "--epochs", 8, "--lr", "3e-3", *ATTENTION)
+    return run
+
+
+@pytest.fixture(scope="session")
+def transformer_run(mapped, tmp_path_factory):
+    run = tmp_path_factory.mktemp("transformer") / "run"
+    run_cli("train", mapped, "--run", run, "--epochs", 8, "--lr", "3e-3", "--warmup-steps", 10, *TINY_TRANSFORMER)
     return run
 
 
@@ -100,18 +104,27 @@ def test_batched_beam_search_equals_one_photo_at_a_time():
     assert batched == alone
 
 
-def test_attention_decoder_learns_and_resumes_exactly(mapped, tmp_path):
+@pytest.mark.parametrize("decoder", MAPS_DECODERS)
+def test_a_decoder_of_maps_resumes_exactly(decoder, mapped, tmp_path):
+    """The transformer's run resumes inside its learning-rate warm-up (400 steps by default)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli("train", mapped, "--run", straight, "--epochs", 2, *ATTENTION)
-    run_cli("train", mapped, "--run", resumed, "--epochs", 1, *ATTENTION)
+    run_cli("train", mapped, "--run", straight, "--epochs", 2, *MAPS_DECODERS[decoder])
+    run_cli("train", mapped, "--run", resumed, "--epochs", 1, *MAPS_DECODERS[decoder])
     run_cli("train", "--run", resumed, "--resume", "--epochs", 2)
     a, b = params(straight), params(resumed)
-    assert "cell.weight_ih" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert A_WEIGHT[decoder] in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if decoder == "transformer":  # its own defaults, and its last step's learning rate: inside the warm-up
+        state = torch.load(RunDir(resumed).last, weights_only=True)
+        model, training = state["config"]["model"], state["config"]["decoder"]
+        assert (model["num_layers"], model["dropout"], model["heads"]) == (2, 0.3, 2)
+        assert (training["label_smoothing"], training["warmup_steps"], training["select_by"]) == (0.1, 400, "cider")
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * state["step"] / 400)
 
 
-def test_attention_stops_mid_epoch_and_resumes_exactly(mapped, tmp_path):
+@pytest.mark.parametrize("decoder", MAPS_DECODERS)
+def test_a_decoder_of_maps_stops_mid_epoch_and_resumes_exactly(decoder, mapped, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    options = {"epochs": 1, "embed_size": 16, "hidden_size": 16, "batch_size": 32, "decoder": "attention"}
+    options = {"epochs": 1, "batch_size": 32, **PYTHON_OPTIONS[decoder]}
     quiet = Console(file=io.StringIO())
     train_decoder(mapped, straight, resume=False, max_minutes=None, options=options, console=quiet)
     outcome = train_decoder(mapped, stopped, resume=False, max_minutes=1e-9, options=options, console=quiet)
@@ -122,34 +135,42 @@ def test_attention_stops_mid_epoch_and_resumes_exactly(mapped, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_attention_checkpoint_refuses_a_store_without_maps(mapped, tmp_path):
+@pytest.mark.parametrize("decoder", MAPS_DECODERS)
+def test_a_checkpoint_of_a_decoder_of_maps_refuses_a_store_without_maps(decoder, mapped, tmp_path):
     work, run = tmp_path / "work", tmp_path / "run"
     shutil.copytree(mapped, work)
-    run_cli("train", work, "--run", run, "--epochs", 1, *ATTENTION)
+    run_cli("train", work, "--run", run, "--epochs", 1, *MAPS_DECODERS[decoder])
     run_cli(
         "featurize", work, "--weights", "none", "--crops", 2, "--workers", 0, "--resize", 150, "--crop-size", 139,
         "--maps", "none", "--overwrite",
     )  # the same images and crops, now without maps  # fmt: skip
     line = one_line_error(CliRunner().invoke(main, ["evaluate", str(run), "--split", "val"]))
-    assert "attention decoder" in line and "--maps" in line
+    assert f"{decoder} decoder" in line and "--maps" in line
     resumed = CliRunner().invoke(main, ["train", "--run", str(run), "--resume", "--epochs", 2])
     last = resumed.output.strip().splitlines()[-1]  # after the "resuming ..." banner
     assert resumed.exit_code == 1 and "Traceback" not in resumed.output
-    assert last.startswith("Error:") and "attention decoder" in last and "--maps" in last
-    line = one_line_error(CliRunner().invoke(main, ["train", str(work), "--run", str(tmp_path / "new"), *ATTENTION]))
-    assert "attention decoder" in line and "--maps" in line
+    assert last.startswith("Error:") and f"{decoder} decoder" in last and "--maps" in last
+    new = ["train", str(work), "--run", str(tmp_path / "new"), *MAPS_DECODERS[decoder]]
+    line = one_line_error(CliRunner().invoke(main, new))
+    assert f"{decoder} decoder" in line and "--maps" in line
 
 
-def test_evaluate_caption_heat_maps_and_json_weights(mapped, attention_run, tmp_path):
-    run_cli("evaluate", attention_run, "--split", "test")
-    assert json.loads(RunDir(attention_run).eval_json("test").read_text())["images"] > 0
+@pytest.mark.parametrize("decoder", MAPS_DECODERS)
+def test_a_decoder_of_maps_learns_evaluates_captions_and_draws_heat_maps(decoder, mapped, request, tmp_path):
+    """The transformer's heat maps are its last layer's cross-attention, averaged over the heads."""
+    maps_run = request.getfixturevalue(f"{decoder}_run")
+    with open(RunDir(maps_run).epochs_csv) as f:
+        val = [float(r["val_loss"]) for r in csv.DictReader(f)]
+    assert len(val) == 8 and val[-1] < val[0]
+    run_cli("evaluate", maps_run, "--split", "test")
+    assert json.loads(RunDir(maps_run).eval_json("test").read_text())["images"] > 0
     photos = sorted((mapped.parent / "synth" / "images").glob("*.png"))[:3]
     folder = tmp_path / "photos"
     folder.mkdir()
     for p in photos:
         shutil.copy(p, folder / p.name)
     out, heat = tmp_path / "c.json", tmp_path / "heat"
-    run_cli("caption", folder, "--run", attention_run, "--format", "json", "--out", out, "--attention", heat)
+    run_cli("caption", folder, "--run", maps_run, "--format", "json", "--out", out, "--attention", heat)
     rows = json.loads(out.read_text())
     assert len(rows) == 3
     for row in rows:
@@ -169,14 +190,15 @@ def test_a_pooled_run_refuses_attention_maps(trained, tmp_path, tiny_images):
     assert "--decoder attention" in one_line_error(result)
 
 
-def test_scst_ensemble_and_joint_run_with_the_attention_decoder(mapped, tmp_path):
+@pytest.mark.parametrize("decoder", MAPS_DECODERS)
+def test_scst_ensemble_and_joint_run_with_a_decoder_of_maps(decoder, mapped, tmp_path):
     run = tmp_path / "ens"
-    run_cli("train", mapped, "--run", run, "--members", 2, "--epochs", 1, *ATTENTION)
+    run_cli("train", mapped, "--run", run, "--members", 2, "--epochs", 1, *MAPS_DECODERS[decoder])
     loaded = load_run(run)
     assert len(loaded.model.members) == 2
     run_cli("caption", mapped.parent / "synth" / "images" / "000001.png", "--run", run)
     solo = tmp_path / "solo"
-    run_cli("train", mapped, "--run", solo, "--epochs", 1, *ATTENTION)
+    run_cli("train", mapped, "--run", solo, "--epochs", 1, *MAPS_DECODERS[decoder])
     run_cli("train", "--run", solo, "--phase", "scst", "--epochs", 1)
     assert torch.load(RunDir(solo).last, weights_only=True)["phase"] == "scst"
     run_cli("train", "--run", solo, "--phase", "joint", "--epochs", 1, "--workers", 0, "--batch-size", 32)

@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from store.distributed import process_group, sum_scalar
 from store.features import FeatureStore, find_store
 from store.rundir import RunDir
-from tests.helpers import ROOT, TINY, run_cli
+from tests.helpers import ROOT, TINY, TINY_TRANSFORMER, run_cli
 
 pytestmark = pytest.mark.slow
-NO_DROPOUT = [*TINY, "--dropout", "0"]
+NO_DROPOUT = {"pooled": [*TINY, "--dropout", "0"], "transformer": [*TINY_TRANSFORMER, "--dropout", "0"]}
 
 
 def torchrun(*args, nproc=2):
@@ -57,10 +57,13 @@ def test_distributed_featurize_equals_single_process(featurized, tmp_path):
     assert not list((dist / "features").glob("*.parts"))
 
 
-def test_distributed_training_follows_the_single_process_trajectory(featurized, tmp_path):
+@pytest.mark.parametrize("decoder", NO_DROPOUT)
+def test_distributed_training_follows_the_single_process_trajectory(request, decoder, tmp_path):
+    """The transformer's too: label smoothing and the warm-up are per word and per step alike."""
+    work = request.getfixturevalue("featurized" if decoder == "pooled" else "mapped")  # the transformer reads maps
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_cli("train", featurized, "--run", single, "--epochs", 2, *NO_DROPOUT)
-    out = torchrun("train", featurized, "--run-dir", ddp, "--epochs", 2, *NO_DROPOUT)
+    run_cli("train", work, "--run", single, "--epochs", 2, *NO_DROPOUT[decoder])
+    out = torchrun("train", work, "--run-dir", ddp, "--epochs", 2, *NO_DROPOUT[decoder])
     assert out.stderr.count("done:") == 1  # rank 0 speaks for all
 
     def losses(run):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from store.rundir import RunDir
-from tests.helpers import ROOT, TINY, run_cli
+from tests.helpers import ROOT, TINY, TINY_TRANSFORMER, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,13 @@ def same_weights(a, b, keys=("model",)):
     )
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill_9_during_decoder_training_then_resume(featurized, tmp_path, seed):
+@pytest.mark.parametrize("decoder,seed", [("pooled", 0), ("pooled", 1), ("transformer", 0)])
+def test_kill_9_during_decoder_training_then_resume(request, tmp_path, decoder, seed):
+    work = request.getfixturevalue("featurized" if decoder == "pooled" else "mapped")  # the transformer reads maps
+    tiny = TINY if decoder == "pooled" else TINY_TRANSFORMER
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_cli("train", featurized, "--run", straight, "--epochs", 4, *TINY)
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train", str(featurized), "--run", str(killed), "--epochs", "4", *TINY]
+    run_cli("train", work, "--run", straight, "--epochs", 4, *tiny)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "train", str(work), "--run", str(killed), "--epochs", "4", *tiny]
     kill_after_first_checkpoint(cmd, RunDir(killed).last, random.Random(seed).uniform(0, 1.5))
     state = torch.load(RunDir(killed).last, weights_only=True)  # the file survived the kill whole
     assert state["epoch"] >= 1

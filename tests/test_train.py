@@ -19,7 +19,7 @@ from store.features import FeatureStore, find_store
 from store.manifest import read_manifest
 from store.rundir import RunDir
 from store.text import Vocabulary
-from tests.helpers import ROOT, TINY, one_line_error, run_cli
+from tests.helpers import ROOT, TINY, TINY_TRANSFORMER, one_line_error, run_cli
 from training import data as D
 from training.options import DecoderConfig
 from training.phases.decoder import FeatureData, train_decoder
@@ -76,20 +76,24 @@ def test_stops_mid_epoch_on_time_limit_and_resumes_exactly(featurized, tmp_path)
     assert steps == list(range(1, len(steps) + 1))  # every batch logged once, in order
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly_with_a_checkpoint(featurized, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,decoder", [(signal.SIGINT, "pooled"), (signal.SIGTERM, "pooled"), (signal.SIGTERM, "transformer")]
+)
+def test_signal_stops_cleanly_with_a_checkpoint(request, tmp_path, sig, decoder):
+    work = request.getfixturevalue("featurized" if decoder == "pooled" else "mapped")  # the transformer reads maps
+    tiny = TINY if decoder == "pooled" else TINY_TRANSFORMER
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "cli.py"),
             "train",
-            str(featurized),
+            str(work),
             "--run",
             str(run),
             "--epochs",
             "100000",
-            *TINY,
+            *tiny,
         ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
