@@ -6,6 +6,8 @@ test_distributed.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -48,6 +50,19 @@ def test_cached_steps_give_the_teacher_forced_next_word_probabilities():
             expected = torch.log_softmax(logits[real, t], -1)
             torch.testing.assert_close(logprobs[real], expected, rtol=1e-5, atol=1e-5)
         assert (logits[captions[:, 1:] == 0] == 0).all()  # positions past <end> are not computed
+
+
+def test_an_untrained_transformer_of_the_default_size_starts_near_uniform_not_repeating_its_input():
+    """With tied weights, an input word that dominated the last layer's input would get a large logit
+    of its own: an untrained decoder would repeat its input at a loss far above log V."""
+    torch.manual_seed(0)
+    vocab = 37
+    model = TransformerCaptioner(CaptionerConfig(vocab_size=vocab, num_layers=2, decoder="transformer")).eval()
+    captions = torch.cat([torch.ones(8, 1, dtype=torch.long), torch.randint(4, vocab, (8, 11))], 1)
+    with torch.no_grad():
+        logits = model(torch.relu(torch.randn(8, 64, 2048)), captions)  # non-negative, like Inception's maps
+    assert caption_loss(logits, captions).item() < math.log(vocab) + 0.5
+    assert (logits.argmax(-1) == captions[:, :-1]).float().mean() < 0.2  # not its input word
 
 
 def test_grouped_regions_give_what_one_map_per_caption_gives():
