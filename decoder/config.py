@@ -43,7 +43,9 @@ class CaptionerConfig:
         default=256,
         metadata={"help": "Word and image embedding size (the transformer's is its width).", "decoders": LSTM_DECODERS},
     )
-    hidden_size: int = field(default=512, metadata={"help": "LSTM hidden size; the transformer's width."})
+    hidden_size: int = field(
+        default=512, metadata={"help": "LSTM hidden size; the transformer's width.", "variants": {TRANSFORMER: 256}}
+    )
     num_layers: int = field(
         default=1, metadata={"help": "LSTM layers; transformer decoder layers.", "variants": {TRANSFORMER: 2}}
     )
@@ -79,7 +81,7 @@ class CaptionerConfig:
         metadata={"help": "Attention decoder: lambda of the doubly stochastic penalty.", "decoders": ("attention",)},
     )
     heads: int = field(
-        default=8,
+        default=4,
         metadata={
             "help": "Transformer decoder: attention heads per layer (a divisor of --hidden-size).",
             "decoders": ("transformer",),

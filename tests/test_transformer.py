@@ -154,9 +154,10 @@ def test_the_transformer_decoder_has_its_own_defaults():
         "warmup_steps": 400,
         "num_layers": 2,
         "dropout": 0.3,
+        "hidden_size": 256,
     }
     assert decoder_defaults("transformer", 3_000) == decoder_defaults("transformer", 30_000) == expected
-    assert CaptionerConfig(vocab_size=9).heads == 8 and CaptionerConfig(vocab_size=9).hidden_size == 512
+    assert CaptionerConfig(vocab_size=9).heads == 4 and CaptionerConfig(vocab_size=9).hidden_size == 512
 
 
 @pytest.mark.parametrize(
