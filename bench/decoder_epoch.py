@@ -4,7 +4,7 @@
 
 WORKDIR is a prepared and featurized dataset (default: data/work from `make features`). The
 decoder epoch is timed in full, for the pooled decoder and, when the store has feature maps
-(`featurize --maps`), for the attention decoder, each in a fresh process whose peak resident
+(`featurize --maps`), for the attention and transformer decoders, each in a fresh process whose peak resident
 memory is reported (the features or maps in RAM included); the end-to-end epoch (decode + resize + random 299 crop with
 torchvision transforms, Inception v3 forward and backward, LSTM, Adam step, batch 32) is timed on a
 few batches and extrapolated to the same number of batches. Both run here, in this process.
@@ -21,6 +21,7 @@ import multiprocessing
 import resource
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,18 @@ def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float,
         usable = np.asarray(store.done, dtype=bool)
         train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
         torch.manual_seed(0)
-        config = CaptionerConfig(vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder)
-        model = build_captioner(config)
         defaults = {k: v for k, v in decoder_defaults(decoder, len(train)).items() if k not in ("epochs", "select_by")}
-        cfg = DecoderConfig(workdir=str(workdir), store=str(store.path), **defaults)
+        model_fields = {f.name for f in fields(CaptionerConfig)}
+        config = CaptionerConfig(
+            vocab_size=len(vocab),
+            feature_dim=store.dim,
+            decoder=decoder,
+            **{k: v for k, v in defaults.items() if k in model_fields},
+        )
+        model = build_captioner(config)
+        cfg = DecoderConfig(
+            workdir=str(workdir), store=str(store.path), **{k: v for k, v in defaults.items() if k not in model_fields}
+        )
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         data = FeatureData(store, train, val, cfg, maps=reads_maps(config))
         batches = data.train_batches(0, 0)
@@ -120,7 +129,7 @@ def main() -> None:
     with FeatureStore.open(find_store(a.workdir)) as store:
         usable = np.asarray(store.done, dtype=bool)
         train = D.build_pairs(records, vocab, "train", usable)
-        decoders = ["pooled", "attention"] if store.maps_crops else ["pooled"]
+        decoders = ["pooled", "attention", "transformer"] if store.maps_crops else ["pooled"]
     epochs = {}
     for decoder in decoders:  # a fresh process each: its peak memory is its own
         with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -140,8 +149,8 @@ def main() -> None:
     )
     for decoder, (seconds, _, _) in epochs.items():
         print(f"end-to-end epoch / {decoder} epoch: {e2e / seconds:.0f}x")
-    if "attention" in epochs:
-        print(f"attention epoch / pooled epoch: {epochs['attention'][0] / cached:.1f}x")
+    for decoder in decoders[1:]:
+        print(f"{decoder} epoch / pooled epoch: {epochs[decoder][0] / cached:.1f}x")
 
 
 if __name__ == "__main__":
