@@ -1,4 +1,5 @@
-"""Ensembles: decoders that differ only in seed, decoded together.
+"""Ensembles: decoders decoded together, a run's members (which differ only in seed) or the
+decoders of runs trained apart (`evaluate RUN --with OTHER`, `caption --with`).
 
 At every step of greedy or beam search the members' next-word probabilities are averaged
 (the log of the mean, not the mean of the logs: a word one member rules out stays possible if the
@@ -61,6 +62,10 @@ def _identity(state: dict) -> dict:
     return {k: store[k] for k in keys if k in store}
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def check_members_agree(states: list[dict], paths: list) -> None:
     """One-line refusal when members differ in vocabulary or feature store."""
     first = states[0]
@@ -68,9 +73,9 @@ def check_members_agree(states: list[dict], paths: list) -> None:
         if state["vocab"] != first["vocab"]:
             raise UserError(f"{path} has another vocabulary than {paths[0]}: ensemble members must share one")
         if reads_maps(state["config"]["model"]) != reads_maps(first["config"]["model"]):
-            decoder, first_decoder = (decoder_of(s["config"]["model"]) for s in (state, first))
+            decoder, first_decoder = (_a(decoder_of(s["config"]["model"])) for s in (state, first))
             raise UserError(
-                f"{path} is a {decoder} decoder and {paths[0]} a {first_decoder} one: ensemble members must read "
+                f"{path} is {decoder} decoder and {paths[0]} {first_decoder} one: ensemble members must read "
                 "the same input (pooled vectors, or feature maps: attention and transformer)"
             )
         ours, theirs = _identity(state), _identity(first)
@@ -83,4 +88,5 @@ def check_members_agree(states: list[dict], paths: list) -> None:
                 "ensemble members must share one"
             )
         if "encoder" in state or "encoder" in first:
-            raise UserError(f"{path}: members with a fine-tuned CNN (joint phase) cannot share one feature pass")
+            joint = path if "encoder" in state else paths[0]  # the one that fine-tuned, first or not
+            raise UserError(f"{joint}: members with a fine-tuned CNN (joint phase) cannot share one feature pass")
