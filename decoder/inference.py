@@ -42,13 +42,17 @@ class LoadedCaptioner:
     model: torch.nn.Module  # a captioner (decoder/factory.py) or an Ensemble of them
     vocab: Vocabulary
     state: dict  # the whole checkpoint, for the store identity and the encoder weights
-    path: Path
+    path: Path  # the checkpoint, or an ensemble's first member's
+    checkpoints: tuple[Path, ...] = ()  # every member's checkpoint in order; (path,) for one decoder
     neighbours: Neighbours | None = None  # the training photos, loaded on the first re-ranking
     average_photo: torch.Tensor | None = None  # their mean features, loaded on the first --prior-penalty
     # The CNN of inference_encoder(state), built on the first photo encoded and kept: building and
     # folding Inception costs more than encoding a photo. Not an init field, so dataclasses.replace
     # (a changed state) starts without it.
     encoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = tuple(Path(p) for p in self.checkpoints) or (Path(self.path),)
 
 
 AVERAGE_CHUNK = 256  # training photos read at a time to average their features
@@ -64,25 +68,32 @@ def load_captioner(path: Path) -> LoadedCaptioner:
 
 
 def load_ensemble(paths: list[Path]) -> LoadedCaptioner:
-    """Several checkpoints decoded as one (decoder/ensemble.py); the first one's state stands for
-    all of them (store identity, crops, neighbours), which check_members_agree makes true."""
+    """Several checkpoints decoded as one (decoder/ensemble.py), from one run's members or from
+    runs trained apart; the first one's state stands for all of them (store identity, crops, and
+    through its run folder the training photos of re-ranking and --prior-penalty), which
+    check_members_agree makes true: one vocabulary and one feature store, so one train split."""
     members = [load_captioner(p) for p in paths]
     check_members_agree([m.state for m in members], [m.path for m in members])
     if len(members) == 1:
         return members[0]
     first = members[0]
-    return LoadedCaptioner(Ensemble([m.model for m in members]).eval(), first.vocab, first.state, first.path)
+    model = Ensemble([m.model for m in members]).eval()
+    return LoadedCaptioner(model, first.vocab, first.state, first.path, tuple(m.path for m in members))
+
+
+def run_checkpoints(run_dir: Path | None = None, checkpoint: Path | None = None) -> list[Path]:
+    """What load_run decodes: [--checkpoint FILE]; else RUNDIR's (or the latest run's) best.pt
+    (last.pt before there is one), of every member of an ensemble."""
+    if checkpoint is not None:
+        return [Path(checkpoint)]
+    run = RunDir(run_dir) if run_dir is not None else RunDir.latest()
+    members = run.members()
+    return [m.newest_checkpoint() for m in members] if members else [run.newest_checkpoint()]
 
 
 def load_run(run_dir: Path | None = None, checkpoint: Path | None = None) -> LoadedCaptioner:
     """--checkpoint FILE; else RUNDIR's (or the latest run's) best.pt, of every member of an ensemble."""
-    if checkpoint is not None:
-        return load_captioner(Path(checkpoint))
-    run = RunDir(run_dir) if run_dir is not None else RunDir.latest()
-    members = run.members()
-    if members:
-        return load_ensemble([m.newest_checkpoint() for m in members])
-    return load_captioner(run.newest_checkpoint())
+    return load_ensemble(run_checkpoints(run_dir, checkpoint))
 
 
 def generate(

@@ -4,7 +4,8 @@
 
 Decoder-phase runs read the cached features (the centre crop, or the mean of the K crops with
 --tta); joint-phase runs re-encode the images with their fine-tuned CNN. Writes
-RUNDIR/eval/<split>.json (scores and settings) and RUNDIR/eval/<split>_captions.csv.
+RUNDIR/eval/<split>.json (scores and settings) and RUNDIR/eval/<split>_captions.csv; with other
+runs joined (`evaluate RUN --with OTHER`), <split>+<other>.json and <split>+<other>_captions.csv.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +67,11 @@ def evaluate_run(
     rerank: int = 0,
     candidates: int = 5,
     prior_penalty: float = 0.0,
+    joined: Sequence[Path] = (),
 ) -> dict:
-    """Scores of `loaded` on `split`; also writes the eval files when `write`."""
+    """Scores of `loaded` on `split`; also writes the eval files when `write`, under names that
+    list the `joined` runs or checkpoints when other runs' decoders joined the run's own
+    (RunDir.eval_json)."""
     workdir = Path(workdir or loaded.state["config"]["decoder"]["workdir"])
     records = read_manifest(workdir)
     rows, features = split_features(loaded, records, split, tta)
@@ -89,6 +94,7 @@ def evaluate_run(
         "candidates": candidates if rerank else None,
         "prior_penalty": prior_penalty,
         "checkpoint": str(loaded.path),
+        "members": [str(p) for p in loaded.checkpoints],  # every decoder that voted, in order
         "epoch": loaded.state["epoch"],
         "phase": loaded.state["phase"],
         "scores": scores,
@@ -97,12 +103,12 @@ def evaluate_run(
     }
     if write:
         run = RunDir(run_dir)
-        atomic_write_bytes(run.eval_json(split), json.dumps(result, indent=2).encode())
+        atomic_write_bytes(run.eval_json(split, joined), json.dumps(result, indent=2).encode())
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["image", "caption", "references"])
         for i, hyp in zip(rows, hypotheses, strict=True):
             writer.writerow([records[i].path, hyp, " | ".join(records[i].captions)])
-        atomic_write_bytes(run.eval_captions(split), buf.getvalue().encode())
+        atomic_write_bytes(run.eval_captions(split, joined), buf.getvalue().encode())
     result["captions"] = list(zip([records[i] for i in rows], hypotheses, strict=True))
     return result

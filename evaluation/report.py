@@ -125,12 +125,17 @@ def run_plots(run: RunDir) -> list[tuple[str, str]]:
 
 
 def saved_scores(run: RunDir) -> list[tuple[str, dict[str, float]]]:
-    """The evaluations a run keeps (RUNDIR/eval/<split>.json), labelled with what was evaluated."""
+    """The evaluations a run keeps (RUNDIR/eval/<split>.json, and <split>+<other>.json of the run
+    decoded with others), labelled with what was evaluated."""
     out = []
     for path in sorted(run.eval.glob("*.json")):
         try:
             result = json.loads(path.read_text())
-            label = f"{result['split']} split, {Path(result['checkpoint']).name} (epoch {result['epoch']})"
+            members = len(result["members"]) if "members" in result else 1  # from before "members": one name
+            what = f"{members} members" if members > 1 else Path(result["checkpoint"]).name
+            if path.stem != result["split"]:
+                what += f" ({path.name})"
+            label = f"{result['split']} split, {what} (epoch {result['epoch']})"
             out.append((f"{label}, {decoding_text(result)}", dict(result["scores"])))
         except (OSError, ValueError, KeyError, TypeError):  # not an evaluation file: nothing to show
             continue

@@ -5,6 +5,7 @@
     RUNDIR/metrics/{batches,epochs}.csv
     RUNDIR/plots/*.png
     RUNDIR/eval/<split>.json, <split>_captions.csv, <split>.html
+    RUNDIR/eval/<split>+<other>.json, ...  the same for RUNDIR decoded with other runs (evaluate --with)
     RUNDIR/finetuned-<run>.pt          the joint phase's CNN, exported for featurize --encoder-from
     RUNDIR/neighbours.npz              the training photos' features and captions, for re-ranking
     RUNDIR/average_photo.npy           their mean features, for decoding with --prior-penalty
@@ -17,7 +18,9 @@ Every module asks a RunDir for a path instead of joining names, so the layout is
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,21 @@ from store.files import atomic_write_bytes
 
 RUNS_ROOT = Path("runs")
 DEMO_RUN = Path("data/demo/run")  # where `make demo` trains (demo.py: ROOT/run); named when runs/ is empty
+
+
+def eval_name(split: str, joined: Sequence[Path] = ()) -> str:
+    """`split`, then `+` and the short name of each joined source in the order given: a run
+    folder's name, a checkpoint file's run and stem (`tfm-last` for runs/tfm/checkpoints/last.pt),
+    or a loose file's stem; characters other than letters, digits, `.`, `_` and `-` become `_`."""
+    names = []
+    for source in joined:
+        source = Path(source).resolve()
+        if source.is_file():
+            name = f"{source.parent.parent.name}-{source.stem}" if source.parent.name == "checkpoints" else source.stem
+        else:
+            name = source.name
+        names.append(re.sub(r"[^A-Za-z0-9._-]+", "_", name))
+    return "+".join([split, *names])
 
 
 @dataclass(frozen=True)
@@ -85,14 +103,16 @@ class RunDir:
     def eval(self) -> Path:
         return self.path / "eval"
 
-    def eval_json(self, split: str) -> Path:
-        return self.eval / f"{split}.json"
+    def eval_json(self, split: str, joined: Sequence[Path] = ()) -> Path:
+        """eval/<split>.json, or with `joined` (the other runs or checkpoints decoded with this
+        one as an ensemble) eval/<split>+<name>+....json, which leaves the run's own alone."""
+        return self.eval / f"{eval_name(split, joined)}.json"
 
-    def eval_captions(self, split: str) -> Path:
-        return self.eval / f"{split}_captions.csv"
+    def eval_captions(self, split: str, joined: Sequence[Path] = ()) -> Path:
+        return self.eval / f"{eval_name(split, joined)}_captions.csv"
 
-    def eval_report(self, split: str) -> Path:
-        return self.eval / f"{split}.html"
+    def eval_report(self, split: str, joined: Sequence[Path] = ()) -> Path:
+        return self.eval / f"{eval_name(split, joined)}.html"
 
     @property
     def finetuned(self) -> Path:
