@@ -385,6 +385,18 @@ def decoding_options(fn):
     return fn
 
 
+def with_option(fn):
+    """--with OTHER, shared by evaluate and caption: other runs decoded with the run as one ensemble."""
+    return click.option(
+        "--with",
+        "others",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Another run folder (every member's best.pt) or checkpoint file, trained apart on the same "
+        "prepared and featurized WORKDIR, whose decoders join the run's in one ensemble. Repeatable.",
+    )(fn)
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="test")
@@ -395,10 +407,14 @@ def decoding_options(fn):
     default=None,
     help="Checkpoint file [default: RUNDIR/checkpoints/best.pt].",
 )
+@with_option
 @click.option("--report", is_flag=True, help="Also write RUNDIR/eval/<split>.html: every photo, caption and score.")
 @user_errors
-def evaluate(run_dir, split, checkpoint, report, **decoding):
+def evaluate(run_dir, split, checkpoint, others, report, **decoding):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of a run on a split [default RUNDIR: latest run].
+
+    With --with OTHER the files are RUNDIR/eval/<split>+<OTHER's name>.json, _captions.csv (and .html),
+    leaving the run's own evaluation alone.
 
     Example: python cli.py evaluate runs/20261128-101500 --split test --beam 3 --report
     """
@@ -406,7 +422,7 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
 
     from legende import Captioner
 
-    cap = Captioner.load(checkpoint or run_dir)
+    cap = Captioner.load(checkpoint or run_dir, also=others)
     result = cap.evaluate(split, report=report, **decoding)
     what = f"{cap.members} members" if cap.members > 1 else cap.loaded.path.name
     title = f"{split} split, {result['images']} images, {what} (epoch {result['epoch']}), beam {decoding['beam']}"
@@ -425,7 +441,8 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
     )
     for note in result["notes"]:
         console.print(f"note: {note}")
-    console.print(f"wrote {cap.run.eval_json(split)} and {split}_captions.csv (scores x100)")
+    scores_file, captions_file = cap.eval_files(split)
+    console.print(f"wrote {scores_file} and {captions_file.name} (scores x100)")
     if report:
         console.print(f"report: {result['report']}")
 
@@ -456,10 +473,11 @@ def evaluate(run_dir, split, checkpoint, report, **decoding):
     help="Attention decoder: write a heat-map PNG per photo (a panel per word) under this folder; "
     "JSON output also gets each word's weights over the regions, and a --report page a heat map under each word.",
 )
+@with_option
 @click.option("--batch-size", default=16, help="Images per forward pass.")
 @click.option("--workers", default=2, help="Processes decoding images.")
 @user_errors
-def caption(target, run_dir, checkpoint, fmt, out, report, attention, batch_size, workers, **decoding):
+def caption(target, run_dir, checkpoint, others, fmt, out, report, attention, batch_size, workers, **decoding):
     """Caption every image under DIR (recursive), or one image file.
 
     Unknown words are shown as <unk>. Exit code 1 only when no image could be captioned.
@@ -475,7 +493,7 @@ def caption(target, run_dir, checkpoint, fmt, out, report, attention, batch_size
 
     if run_dir is not None and checkpoint is not None:
         raise click.UsageError("give --run or --checkpoint, not both")
-    cap = Captioner.load(checkpoint or run_dir, batch_size=batch_size, workers=workers)
+    cap = Captioner.load(checkpoint or run_dir, also=others, batch_size=batch_size, workers=workers)
     results = cap.caption_folder(target, report=report, attention=attention, **decoding)
     if fmt == "table":
         table = Table("image", "caption")

@@ -1,12 +1,14 @@
 """A trained captioner loaded once, then asked for captions as often as needed.
 
     cap = Captioner.load("runs/my-run")      # a run folder (an ensemble's too) or a checkpoint file
+    cap = Captioner.load("runs/att", also=["runs/tfm"])  # runs trained apart, decoded as one ensemble
     cap("photo.jpg")                         # -> "a dog runs through the grass"
     cap([pil_image, "b.png"], beam=5)        # PIL images, paths or a mix -> a list of captions
     cap.caption_folder("photos/")            # -> [CaptionResult(image, caption, error)], errors included
     cap.caption_folder("photos/", attention="heat/")  # attention or transformer: + weights per word, PNGs
     cap.caption_folder("photos/", report="p.html", attention="heat/")  # and the page shows them too
     cap.evaluate("test", report=True)        # scores; RUNDIR/eval/test.{json,html}, test_captions.csv
+                                             # (test+tfm.json... with also=["runs/tfm"])
 
 `caption` and `evaluate` on the command line are this class used once, so a photo gets the same
 caption from Python as from the CLI. What is slow to build is built once and kept: the decoder
@@ -28,7 +30,7 @@ from PIL import Image, ImageOps
 from decoder.caption_photos import CaptionResult, caption_images, find_images
 from decoder.decoding_options import Decoding
 from decoder.ensemble import Ensemble
-from decoder.inference import LoadedCaptioner, Photo, load_run
+from decoder.inference import LoadedCaptioner, Photo, load_ensemble, run_checkpoints
 from evaluation.evaluate import evaluate_run
 from evaluation.heatmaps import write_heatmaps
 from evaluation.report import caption_report, decoding_text, evaluation_report, write_report
@@ -44,30 +46,50 @@ class Captioner:
     candidates); `batch_size` photos are decoded and encoded at a time, by `workers` processes."""
 
     def __init__(
-        self, loaded: LoadedCaptioner, run: RunDir, decoding: Decoding, batch_size: int = 16, workers: int = 2
+        self,
+        loaded: LoadedCaptioner,
+        run: RunDir,
+        decoding: Decoding,
+        batch_size: int = 16,
+        workers: int = 2,
+        also: tuple[Path, ...] = (),
     ):
-        self.loaded, self.run, self.decoding = loaded, run, decoding
+        self.loaded, self.run, self.decoding, self.also = loaded, run, decoding, tuple(also)
         self.batch_size, self.workers = batch_size, workers
 
     @classmethod
     def load(
-        cls, source: str | os.PathLike | None = None, *, batch_size: int = 16, workers: int = 2, **decoding
+        cls,
+        source: str | os.PathLike | None = None,
+        *,
+        also: Iterable[str | os.PathLike] = (),
+        batch_size: int = 16,
+        workers: int = 2,
+        **decoding,
     ) -> Captioner:
         """`source`: a run folder (its best.pt, or last.pt before there is one; every member's for an
-        ensemble), a checkpoint file, or None for the latest run under runs/. `decoding` overrides
+        ensemble), a checkpoint file, or None for the latest run under runs/. `also`: other run
+        folders or checkpoint files (trained apart, on the same vocabulary and feature store) whose
+        decoders join source's in one ensemble; the run is still source's, where evaluate writes
+        (under its own names) and whose training photos re-ranking reads. `decoding` overrides
         Decoding's defaults for this captioner, e.g. beam=5."""
+        if isinstance(also, str | os.PathLike):
+            also = [also]
         if source is None:
             run = RunDir.latest()
-            loaded = load_run(run.path)
-        elif Path(source).is_file():
-            loaded = load_run(checkpoint=Path(source))
-            run = RunDir(Path(source).parent.parent)  # RUNDIR/checkpoints/<name>.pt
-        elif Path(source).is_dir():
-            run = RunDir(source)
-            loaded = load_run(run.path)
+            paths = run_checkpoints(run.path)
         else:
-            raise UserError(f"{source}: no such run folder or checkpoint file")
-        return cls(loaded, run, replace(Decoding(), **decoding), batch_size=batch_size, workers=workers)
+            run, paths = _checkpoints_of(Path(source))
+        others = tuple(Path(other) for other in also)
+        for other in others:
+            paths += _checkpoints_of(other)[1]
+        seen = set()
+        for path in paths:
+            if path.resolve() in seen:
+                raise UserError(f"{path} is in the ensemble twice: give each run or checkpoint once")
+            seen.add(path.resolve())
+        loaded = load_ensemble(paths)
+        return cls(loaded, run, replace(Decoding(), **decoding), batch_size=batch_size, workers=workers, also=others)
 
     @property
     def members(self) -> int:
@@ -76,8 +98,10 @@ class Captioner:
         return len(model.members) if isinstance(model, Ensemble) else 1
 
     def describe(self) -> str:
-        """What captions: the checkpoint file, or the run and its number of members."""
-        return f"{self.run} ({self.members} members)" if self.members > 1 else str(self.loaded.path)
+        """What captions: the checkpoint file, or the run(s) and the number of members."""
+        if self.members == 1:
+            return str(self.loaded.path)
+        return " + ".join(str(x) for x in (self.run, *self.also)) + f" ({self.members} members)"
 
     def __call__(self, images: ImageInput | Iterable[ImageInput], **decoding) -> str | list[str]:
         """The caption of one image (a path or a PIL image), or the list of captions of several.
@@ -125,15 +149,22 @@ class Captioner:
 
     def evaluate(self, split: str = "test", *, report: bool = False, write: bool = True, **decoding) -> dict:
         """evaluation.evaluate.evaluate_run on the run's split: scores, notes and the captions.
-        `write` keeps RUNDIR/eval/<split>.json and _captions.csv; `report` also writes
-        RUNDIR/eval/<split>.html, whose path is then result["report"]."""
+        `write` keeps RUNDIR/eval/<split>.json and _captions.csv (<split>+<other>... with `also`:
+        self.eval_files(split)); `report` also writes RUNDIR/eval/<split>.html (the same name), whose
+        path is then result["report"]."""
         settings = self._settings(decoding)
-        result = evaluate_run(self.loaded, self.run.path, split=split, write=write, **asdict(settings))
+        result = evaluate_run(
+            self.loaded, self.run.path, split=split, write=write, joined=self.also, **asdict(settings)
+        )
         if report:
             result["report"] = write_report(
-                self.run.eval_report(split), evaluation_report(result, self.run, self.describe())
+                self.run.eval_report(split, self.also), evaluation_report(result, self.run, self.describe())
             )
         return result
+
+    def eval_files(self, split: str) -> tuple[Path, Path]:
+        """Where evaluate writes the scores (JSON) and the captions (CSV) of `split`."""
+        return self.run.eval_json(split, self.also), self.run.eval_captions(split, self.also)
 
     def _settings(self, overrides: dict) -> Decoding:
         return replace(self.decoding, **overrides)
@@ -144,6 +175,15 @@ class Captioner:
         return caption_images(
             self.loaded, photos, batch_size=self.batch_size, workers=workers, attention=attention, **asdict(settings)
         )
+
+
+def _checkpoints_of(source: Path) -> tuple[RunDir, list[Path]]:
+    """(the run, the checkpoints it decodes) of a run folder or a checkpoint file."""
+    if source.is_file():
+        return RunDir(source.parent.parent), [source]  # RUNDIR/checkpoints/<name>.pt
+    if source.is_dir():
+        return RunDir(source), run_checkpoints(source)
+    raise UserError(f"{source}: no such run folder or checkpoint file")
 
 
 def _photo(image: ImageInput) -> Photo:
