@@ -422,6 +422,8 @@ def evaluate(run_dir, split, checkpoint, others, report, **decoding):
 
     from legende import Captioner
 
+    if run_dir is not None and checkpoint is not None and checkpoint.resolve().parent.parent != run_dir.resolve():
+        raise click.UsageError(f"--checkpoint {checkpoint} is not one of {run_dir}'s: give one or the other")
     cap = Captioner.load(checkpoint or run_dir, also=others)
     result = cap.evaluate(split, report=report, **decoding)
     what = f"{cap.members} members" if cap.members > 1 else cap.loaded.path.name

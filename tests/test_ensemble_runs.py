@@ -105,3 +105,14 @@ def test_each_refusal_is_one_line(runs, photos, tmp_path):
 
     line = one_line_error(CliRunner().invoke(main, [*caption, "--with", str(att.best)]))
     assert line == f"Error: {att.best} is in the ensemble twice: give each run or checkpoint once"
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_run(tmp_path):
+    """evaluate RUN --checkpoint F decodes F: a F from another run would silently ignore RUN."""
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "best.pt").write_bytes(b"")
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run"), "--checkpoint", str(other / "best.pt")])
+    assert result.exit_code == 2
+    expected = f"--checkpoint {other / 'best.pt'} is not one of {tmp_path / 'run'}'s: give one or the other"
+    assert expected in result.output
