@@ -17,6 +17,10 @@ Methods (--method, repeatable; each adds one row per fold to OUT/crossval.json):
                    `cli.py train`); later phases after ';', decoding options after '|':
                    "e20+scst+rerank:--epochs 20 --select-by cider ; --phase scst|rerank=30,candidates=5"
 
+--ensemble "NAME:A,B|DECODING" (repeatable) decodes the runs of methods A and B (given by --method in
+the same call, trained first) as one ensemble, e.g. "att+tfm:att-b32,tfm|rerank=30,candidates=5";
+its train seconds are the members' sum.
+
 Scores are x100, mean ± standard error over folds; `distinct` is distinct captions per 100 photos.
 """
 
@@ -57,6 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
     p.add_argument("--min-word-count", type=int, default=5, help="vocabulary threshold per fold (default: 5)")
     p.add_argument("--method", action="append", default=[], help="see above (repeatable)")
+    p.add_argument("--ensemble", action="append", default=[], help="NAME:A,B|DECODING, see above (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of every step")
     p.add_argument(
         "--featurize-args",
@@ -130,14 +135,10 @@ def run_retrieval(work: Path, k: int = 30) -> tuple[dict, dict[str, str]]:
     return score_rows({records[i].id: records[i].captions for i in test}, hyps), hyps
 
 
-def run_recipe(
-    work: Path, phases: list[list[str]], decode: dict, log: Path, split: str = "test"
-) -> tuple[dict, dict[str, str], float]:
-    """Train the phases in turn (each later phase continues a copy of the run after the phases
-    before it, so recipes sharing a start share its training), then score best.pt on the test split."""
-    from decoder.inference import load_run
-    from evaluation.evaluate import evaluate_run
-
+def train_recipe(work: Path, phases: list[list[str]], log: Path) -> tuple[Path, float]:
+    """(the run after the last phase, train seconds of all phases): each phase trains once, and each
+    later phase continues a copy of the run after the phases before it, so recipes sharing a start
+    share its training."""
     seconds, previous = 0.0, None
     for i in range(len(phases)):
         key = hashlib.sha256(json.dumps(phases[: i + 1]).encode()).hexdigest()[:10]
@@ -155,13 +156,27 @@ def run_recipe(
             done.write_text(json.dumps({"seconds": took}))
         seconds += json.loads(done.read_text())["seconds"]
         previous = run
-    loaded = load_run(previous)
-    result = evaluate_run(loaded, previous, split=split, write=False, **decode)
-    hyps = {rec.id: hyp for rec, hyp in result["captions"]}
+    return previous, seconds
+
+
+def score_runs(runs: list[Path], decode: dict, split: str) -> tuple[dict, dict[str, str]]:
+    """(scores x100 and diversity, captions by image) of best.pt of `runs`, one decoder or an ensemble."""
+    from decoder.inference import load_ensemble, run_checkpoints
+    from evaluation.evaluate import evaluate_run
     from evaluation.metrics import diversity
 
-    scores = {**{k: round(100 * v, 2) for k, v in result["scores"].items()}, **diversity(hyps)}
-    return scores, hyps, seconds
+    loaded = load_ensemble([c for run in runs for c in run_checkpoints(run)])
+    result = evaluate_run(loaded, runs[0], split=split, write=False, **decode)
+    hyps = {rec.id: hyp for rec, hyp in result["captions"]}
+    return {**{k: round(100 * v, 2) for k, v in result["scores"].items()}, **diversity(hyps)}, hyps
+
+
+def run_recipe(
+    work: Path, phases: list[list[str]], decode: dict, log: Path, split: str = "test"
+) -> tuple[dict, dict[str, str], float]:
+    """Train the phases in turn (train_recipe), then score best.pt on the split."""
+    run, seconds = train_recipe(work, phases, log)
+    return *score_runs([run], decode, split), seconds
 
 
 def parse_method(spec: str) -> tuple[str, list[list[str]], dict]:
@@ -249,6 +264,24 @@ def main(args: argparse.Namespace) -> None:
             results_path.write_text(json.dumps(rows, indent=1))
             (out / "crossval.md").write_text(summarise(rows, args.baseline))
             print(f"{name} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
+    methods = {name: phases for name, phases, _ in map(parse_method, args.method)}
+    for spec in args.ensemble:
+        name, rest = spec.split(":", 1)
+        members, _, decoding = rest.partition("|")
+        _, _, decode = parse_method(f"{name}:|{decoding}")
+        for fold in folds:
+            work = fold_workdir(out, base, records, fold, args.folds, args.seed, args.min_word_count)
+            started = time.perf_counter()
+            trained = [train_recipe(work, methods[m], log) for m in members.split(",")]
+            scores, hyps = score_runs([run for run, _ in trained], decode, args.split)
+            row = {"method": name + ("@val" if args.split == "val" else ""), "fold": fold, "folds": args.folds}
+            row.update(seed=args.seed, scores=scores, train_seconds=sum(s for _, s in trained))
+            row.update(eval_seconds=round(time.perf_counter() - started, 1), examples=dict(list(hyps.items())[:3]))
+            rows = [r for r in rows if (r["method"], r["fold"], r["folds"]) != (row["method"], fold, args.folds)]
+            rows.append(row)
+            results_path.write_text(json.dumps(rows, indent=1))
+            (out / "crossval.md").write_text(summarise(rows, args.baseline))
+            print(f"{row['method']} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
     print(summarise(rows, args.baseline))
 
 
