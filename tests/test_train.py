@@ -54,6 +54,10 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(featurized, tmp_path)
     run_cli("train", "--run", resumed, "--resume", "--epochs", 2)
     a, b = params(straight), params(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = run_cli("train", "--run", resumed, "--resume")  # a finished run says so, and trains nothing
+    assert f"decoder phase of {resumed}: all 2 epochs are done, nothing to resume" in again.stderr
+    assert "resuming" not in again.stderr and "after 2 epochs" in again.stderr
+    assert all(torch.equal(a[k], v) for k, v in params(resumed).items())
 
 
 def test_stops_mid_epoch_on_time_limit_and_resumes_exactly(featurized, tmp_path):

@@ -91,10 +91,16 @@ def _train(ctx: Dist, phase: Phase, workdir, run_dir, resume, max_minutes, optio
         check_options_unchanged({**model, **saved}, options, changeable)
         changed = {k: v for k, v in options.items() if k in changeable and v is not None}
         cfg = phase.options_type(**{**saved, **changed})
-        console.print(
-            f"resuming {phase.name} phase of {run} from {path.name}: epoch {state['epoch'] + 1}, "
-            f"batch {state.get('batch_in_epoch', 0)}, step {state['step']}, CPU threads: {threads}"
-        )
+        if state["epoch"] >= cfg.epochs and not state.get("batch_in_epoch", 0):
+            console.print(
+                f"{phase.name} phase of {run}: all {cfg.epochs} epochs are done, nothing to resume "
+                "(--epochs N trains more)"
+            )
+        else:
+            console.print(
+                f"resuming {phase.name} phase of {run} from {path.name}: epoch {state['epoch'] + 1}, "
+                f"batch {state.get('batch_in_epoch', 0)}, step {state['step']}, CPU threads: {threads}"
+            )
     else:
         cfg, state = phase.fresh_options(run, workdir, options)
     with ExitStack() as stack:
