@@ -62,6 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-word-count", type=int, default=5, help="vocabulary threshold per fold (default: 5)")
     p.add_argument("--method", action="append", default=[], help="see above (repeatable)")
     p.add_argument("--ensemble", action="append", default=[], help="NAME:A,B|DECODING, see above (repeatable)")
+    p.add_argument(
+        "--keep-scored",
+        action="store_true",
+        help="do not score again a method's folds that crossval.json already holds (e.g. to add an --ensemble)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads of every step")
     p.add_argument(
         "--featurize-args",
@@ -192,6 +197,13 @@ def parse_method(spec: str) -> tuple[str, list[list[str]], dict]:
     return name, [shlex.split(p) for p in train.split(";")], options
 
 
+def row_name(spec: str, split: str) -> str:
+    """The name of a --method's rows in crossval.json."""
+    if spec == "retrieval":
+        return "retrieval (k=30)"
+    return parse_method(spec)[0] + ("@val" if split == "val" else "")
+
+
 def summarise(rows: list[dict], baseline: str = "defaults") -> str:
     """mean ± standard error over folds, one line per method in the order first run; ΔCIDEr-D is
     the paired difference to the baseline on the same folds (and split), which removes the
@@ -240,14 +252,19 @@ def main(args: argparse.Namespace) -> None:
     folds = range(args.folds) if not args.only_folds else [int(f) for f in args.only_folds.split(",")]
     for spec in args.method:
         for fold in folds:
+            if args.keep_scored and any(
+                r["method"] == row_name(spec, args.split) and r["fold"] == fold and r["folds"] == args.folds
+                for r in rows
+            ):
+                continue
             work = fold_workdir(out, base, records, fold, args.folds, args.seed, args.min_word_count)
             started = time.perf_counter()
+            name = row_name(spec, args.split)
             if spec == "retrieval":
-                name, scores, hyps, train_seconds = "retrieval (k=30)", *run_retrieval(work), 0.0
+                scores, hyps, train_seconds = *run_retrieval(work), 0.0
             else:
-                name, phases, decode = parse_method(spec)
+                _, phases, decode = parse_method(spec)
                 scores, hyps, train_seconds = run_recipe(work, phases, decode, log, args.split)
-                name += "@val" if args.split == "val" else ""
             row = {
                 "method": name,
                 "fold": fold,
