@@ -21,7 +21,6 @@ import multiprocessing
 import resource
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from store.features import FeatureStore, find_store  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
 from store.text import Vocabulary  # noqa: E402
 from training import data as D  # noqa: E402
-from training.options import DecoderConfig, decoder_defaults  # noqa: E402
+from training.options import DecoderConfig, decoder_defaults, given_fields  # noqa: E402
 from training.phases.decoder import FeatureData  # noqa: E402
 
 
@@ -52,17 +51,11 @@ def decoder_epoch(workdir: Path, decoder: str, profile: int = 0) -> tuple[float,
         train, val = (D.build_pairs(records, vocab, split, usable) for split in ("train", "val"))
         torch.manual_seed(0)
         defaults = {k: v for k, v in decoder_defaults(decoder, len(train)).items() if k not in ("epochs", "select_by")}
-        model_fields = {f.name for f in fields(CaptionerConfig)}
         config = CaptionerConfig(
-            vocab_size=len(vocab),
-            feature_dim=store.dim,
-            decoder=decoder,
-            **{k: v for k, v in defaults.items() if k in model_fields},
+            vocab_size=len(vocab), feature_dim=store.dim, decoder=decoder, **given_fields(CaptionerConfig, defaults)
         )
         model = build_captioner(config)
-        cfg = DecoderConfig(
-            workdir=str(workdir), store=str(store.path), **{k: v for k, v in defaults.items() if k not in model_fields}
-        )
+        cfg = DecoderConfig(workdir=str(workdir), store=str(store.path), **given_fields(DecoderConfig, defaults))
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         data = FeatureData(store, train, val, cfg, maps=reads_maps(config))
         batches = data.train_batches(0, 0)
