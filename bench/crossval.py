@@ -236,6 +236,27 @@ def _mean_se(values: list[float], signed: bool = False) -> str:
     return f"{np.mean(values):{'+' if signed else ''}.1f} ± {se:.1f}"
 
 
+def record(rows: list[dict], name: str, fold: int, scores: dict, hyps: dict, train_seconds: float,
+           started: float, args: argparse.Namespace, out: Path) -> list[dict]:  # fmt: skip
+    """`rows` with this method's row of this fold replacing any earlier one, written to
+    OUT/crossval.json and .md as it comes."""
+    row = {
+        "method": name,
+        "fold": fold,
+        "folds": args.folds,
+        "seed": args.seed,
+        "scores": scores,
+        "train_seconds": train_seconds,
+        "eval_seconds": round(time.perf_counter() - started, 1),
+        "examples": dict(list(hyps.items())[:3]),
+    }
+    rows = [r for r in rows if (r["method"], r["fold"], r["folds"]) != (name, fold, args.folds)] + [row]
+    (out / "crossval.json").write_text(json.dumps(rows, indent=1))
+    (out / "crossval.md").write_text(summarise(rows, args.baseline))
+    print(f"{name} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
+    return rows
+
+
 def main(args: argparse.Namespace) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -251,54 +272,30 @@ def main(args: argparse.Namespace) -> None:
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     folds = range(args.folds) if not args.only_folds else [int(f) for f in args.only_folds.split(",")]
     for spec in args.method:
+        name = row_name(spec, args.split)
         for fold in folds:
-            if args.keep_scored and any(
-                r["method"] == row_name(spec, args.split) and r["fold"] == fold and r["folds"] == args.folds
-                for r in rows
-            ):
+            if args.keep_scored and any((r["method"], r["fold"], r["folds"]) == (name, fold, args.folds) for r in rows):
                 continue
             work = fold_workdir(out, base, records, fold, args.folds, args.seed, args.min_word_count)
             started = time.perf_counter()
-            name = row_name(spec, args.split)
             if spec == "retrieval":
                 scores, hyps, train_seconds = *run_retrieval(work), 0.0
             else:
                 _, phases, decode = parse_method(spec)
                 scores, hyps, train_seconds = run_recipe(work, phases, decode, log, args.split)
-            row = {
-                "method": name,
-                "fold": fold,
-                "folds": args.folds,
-                "seed": args.seed,
-                "scores": scores,
-                "train_seconds": train_seconds,
-                "eval_seconds": round(time.perf_counter() - started, 1),
-                "examples": dict(list(hyps.items())[:3]),
-            }
-            rows = [r for r in rows if not (r["method"] == name and r["fold"] == fold and r["folds"] == args.folds)] + [
-                row
-            ]
-            results_path.write_text(json.dumps(rows, indent=1))
-            (out / "crossval.md").write_text(summarise(rows, args.baseline))
-            print(f"{name} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
+            rows = record(rows, name, fold, scores, hyps, train_seconds, started, args, out)
     methods = {name: phases for name, phases, _ in map(parse_method, args.method)}
     for spec in args.ensemble:
         name, rest = spec.split(":", 1)
         members, _, decoding = rest.partition("|")
         _, _, decode = parse_method(f"{name}:|{decoding}")
+        name += "@val" if args.split == "val" else ""
         for fold in folds:
             work = fold_workdir(out, base, records, fold, args.folds, args.seed, args.min_word_count)
             started = time.perf_counter()
             trained = [train_recipe(work, methods[m], log) for m in members.split(",")]
             scores, hyps = score_runs([run for run, _ in trained], decode, args.split)
-            row = {"method": name + ("@val" if args.split == "val" else ""), "fold": fold, "folds": args.folds}
-            row.update(seed=args.seed, scores=scores, train_seconds=sum(s for _, s in trained))
-            row.update(eval_seconds=round(time.perf_counter() - started, 1), examples=dict(list(hyps.items())[:3]))
-            rows = [r for r in rows if (r["method"], r["fold"], r["folds"]) != (row["method"], fold, args.folds)]
-            rows.append(row)
-            results_path.write_text(json.dumps(rows, indent=1))
-            (out / "crossval.md").write_text(summarise(rows, args.baseline))
-            print(f"{row['method']} fold {fold}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), flush=True)
+            rows = record(rows, name, fold, scores, hyps, sum(s for _, s in trained), started, args, out)
     print(summarise(rows, args.baseline))
 
 
